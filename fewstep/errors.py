@@ -1,0 +1,21 @@
+"""The one error type users see; the CLI prints its message on one line and exits non-zero."""
+
+
+class FewstepError(Exception):
+    """A mistake the user can fix (bad path, bad size, wrong architecture...). The message says what to do."""
+
+    exit_code = 2
+
+
+class LoadError(FewstepError):
+    """A model or adapter source that cannot be loaded."""
+
+
+class RequestError(FewstepError):
+    """A generation request with an invalid parameter."""
+
+
+class ResourceError(FewstepError):
+    """Work that would not fit the device (memory) or produced an invalid result (NaN image)."""
+
+    exit_code = 3
