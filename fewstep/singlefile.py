@@ -29,7 +29,7 @@ class Family:
     """What the weights of one model family do not show: heads, activations, sizes, scaling, conditioning."""
 
     heads_per_block: int | None  # fixed head count per block; None means one head per 64 channels
-    text_kind: str  # tokenizer / activation of the (first) text encoder: "clip" (ViT-L) or "openclip"
+    text_kind: str  # the (first) text encoder: "clip" (ViT-L, HF layout, quick_gelu) or "openclip" (gelu)
     unet_sample_size: int
     vae_sample_size: int
     scaling_factor: float
@@ -37,8 +37,8 @@ class Family:
     force_zeros_for_empty_prompt: bool = False
 
 
-# Values of the published diffusers configs (SD 1.5, SD 2.1, SDXL base, SSD-1B). SD 2.x's sizes are those of the
-# 768-v models; 2.x-base (epsilon, 512 px) gets 64 / 512 (see _prediction_type).
+# Values of the published diffusers configs (SD 1.5, SD 2.1, SDXL base; SSD-1B as SDXL). SD 2.x's sizes are those of
+# the 768-v models; 2.x-base (epsilon, 512 px) gets 64 / 512 (see _sample_sizes).
 FAMILIES = {
     "sd15": Family(8, "clip", 64, 512, 0.18215),
     "sd2": Family(None, "openclip", 96, 768, 0.18215, upcast_attention=True),
@@ -96,7 +96,7 @@ def _read(path, allow_pickle):
 
 
 def detect_arch(state_dict):
-    """"sd15", "sd2", "sdxl" or "ssd1b" from the key layout; LoadError for anything else."""
+    """Architecture from the key layout: "sd15", "sd2", "sdxl" or "ssd1b"; LoadError for anything else."""
     conv_in = state_dict.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None:
         found = ", ".join(list(state_dict)[:3])
@@ -107,24 +107,21 @@ def detect_arch(state_dict):
         raise LoadError("Playground v2.5 (EDM) checkpoints are not supported")
     if _has_prefix(state_dict, "conditioner.embedders.0.model."):
         raise LoadError("SDXL refiner checkpoints are not supported; use an SDXL base model")
-    if _has_prefix(state_dict, SGM_TEXT_2):
-        family = "sgm"
-    elif _has_prefix(state_dict, SD2_TEXT):
+    # The text encoder's layout names the family; diffusers keys SD 2.x on a cross-attention width of 1024 instead,
+    # which only holds for real sizes, so that is the fallback for files without a text encoder.
+    if _has_prefix(state_dict, SD2_TEXT):
         return "sd2"
-    elif _has_prefix(state_dict, SD1_TEXT):
+    if _has_prefix(state_dict, SD1_TEXT):
         return "sd15"
-    else:
-        # No text encoder (a UNet-only file): the cross-attention width names the family, as in diffusers.
+    if not _has_prefix(state_dict, SGM_TEXT_2):
         width = _cross_attention_dim(state_dict)
-        family = {768: "sd15", 1024: "sd2", 2048: "sgm"}.get(width)
-        if family is None:
+        if width in (768, 1024):
+            return {768: "sd15", 1024: "sd2"}[width]
+        if width != 2048:
             raise LoadError(f"unrecognised UNet with cross-attention width {width} and no text encoder")
-        if family != "sgm":
-            return family
     # SSD-1B is SDXL with transformer blocks removed: its mid block has no transformer and its up blocks are
     # shallower than the down blocks they mirror ([4, 4, 10], [2, 1, 1]); SDXL's depths are symmetric.
-    layout = _unet_layout(state_dict)
-    return "sdxl" if layout.symmetric() else "ssd1b"
+    return "sdxl" if _unet_layout(state_dict).symmetric() else "ssd1b"
 
 
 def load_single_file(path, *, allow_pickle=False, torch_dtype=torch.float32):
@@ -140,7 +137,6 @@ def load_single_file(path, *, allow_pickle=False, torch_dtype=torch.float32):
     try:
         arch = detect_arch(state_dict)
         family = FAMILIES[arch]
-        prediction_type = _prediction_type(arch, state_dict, hints)
         sgm = arch in ("sdxl", "ssd1b")
         first_prefix = {"sd15": SD1_TEXT, "sd2": SD2_TEXT}.get(arch, SGM_TEXT_1)
         if not _has_prefix(state_dict, first_prefix) or (sgm and not _has_prefix(state_dict, SGM_TEXT_2)):
@@ -148,26 +144,32 @@ def load_single_file(path, *, allow_pickle=False, torch_dtype=torch.float32):
                             "checkpoint or a diffusers folder")
         if not _has_prefix(state_dict, VAE):
             raise LoadError("the checkpoint has no VAE (first_stage_model.*); use a full checkpoint")
+        prediction_type = _prediction_type(arch, state_dict, hints)
+        # OpenCLIP's text_projection is applied as x @ P, so its second dimension is the pooled width.
+        pooled_dim = _need(state_dict, SGM_TEXT_2 + "text_projection").shape[1] if sgm else None
+        unet_config = unet_config_from_state_dict(state_dict, arch, pooled_dim=pooled_dim,
+                                                  prediction_type=prediction_type)
+        vae_config = vae_config_from_state_dict(state_dict, arch, prediction_type=prediction_type)
+        if unet_config["in_channels"] != vae_config["latent_channels"]:
+            raise LoadError(f"the UNet takes {unet_config['in_channels']} channels but the VAE makes "
+                            f"{vae_config['latent_channels']}; variants with extra inputs (instruct-pix2pix, "
+                            "upscalers) are not supported")
 
         out = dict(arch=arch)
-        if arch == "sd2":
-            text, act = _open_clip_to_hf(sfu, state_dict, SD2_TEXT, penultimate=True), "gelu"
+        if family.text_kind == "openclip":
+            text, act = _open_clip_to_hf(sfu, state_dict, first_prefix, penultimate=True), "gelu"
         else:
             text, act = _hf_clip(sfu.convert_ldm_clip_checkpoint(state_dict)), "quick_gelu"
         text_config = _text_config(text, act)
         out["text_encoder"] = _build(lambda: CLIPTextModel(text_config), text, "text encoder", torch_dtype, clip=True)
         out["tokenizer"] = bundled_tokenizer(family.text_kind)
-        pooled_dim = None
         if sgm:
             text_2 = _open_clip_to_hf(sfu, state_dict, SGM_TEXT_2, penultimate=False)
-            pooled_dim = _need(text_2, "text_projection.weight").shape[0]
             config_2 = _text_config(text_2, "gelu", projection_dim=pooled_dim)
             out["text_encoder_2"] = _build(lambda: CLIPTextModelWithProjection(config_2), text_2,
                                            "second text encoder", torch_dtype, clip=True)
             out["tokenizer_2"] = bundled_tokenizer("openclip")
 
-        unet_config = unet_config_from_state_dict(state_dict, arch, pooled_dim=pooled_dim,
-                                                  prediction_type=prediction_type)
         unet_weights = sfu.convert_ldm_unet_checkpoint(state_dict, unet_config)
         # Converter gap: LCM-distilled UNets keep diffusers' name for the guidance embedding (the diffusers-to-
         # original script passes unknown keys through) and convert_ldm_unet_checkpoint drops it.
@@ -176,20 +178,11 @@ def load_single_file(path, *, allow_pickle=False, torch_dtype=torch.float32):
             if key in state_dict:
                 unet_weights[f"time_embedding.cond_proj.{name}"] = state_dict[key]
         out["unet"] = _build(lambda: UNet2DConditionModel(**unet_config), unet_weights, "UNet", torch_dtype)
-
-        vae_config = vae_config_from_state_dict(state_dict, arch, prediction_type=prediction_type)
         vae_weights = sfu.convert_ldm_vae_checkpoint(state_dict, vae_config)
         out["vae"] = _build(lambda: AutoencoderKL(**vae_config), vae_weights, "VAE", torch_dtype)
     except LoadError as e:
         raise LoadError(f"{path.name}: {e}") from None
 
-    in_channels, latent_channels = out["unet"].config.in_channels, out["vae"].config.latent_channels
-    if in_channels != latent_channels:
-        raise LoadError(f"{path.name}: the UNet takes {in_channels} channels but the VAE makes {latent_channels}; "
-                        "variants with extra inputs (instruct-pix2pix, upscalers) are not supported")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if name in out:
-            out[name].eval()
     out["scheduler_config"] = dict(SCHEDULER, prediction_type=prediction_type)
     out["force_zeros_for_empty_prompt"] = family.force_zeros_for_empty_prompt
     return out
@@ -205,9 +198,9 @@ def _prediction_type(arch, state_dict, hints):
     # ComfyUI marks v-prediction checkpoints (SDXL ones included) with an empty "v_pred" tensor.
     if "v_pred" in state_dict:
         return "v_prediction"
-    # diffusers (_legacy_load_scheduler and the stabilityai/stable-diffusion-2-1 config from_single_file uses): SD 2.x
-    # is v_prediction (the 768-v models) unless a .ckpt says global_step 875000, the 2.0-base / 2.1-base 512 px
-    # models. A 2.x-base .safetensors is therefore taken as v_prediction: the caller must override the type.
+    # diffusers' rule (_legacy_load_scheduler; from_single_file's default SD 2 config, stable-diffusion-2-1, agrees):
+    # SD 2.x is v_prediction (the 768-v models) unless a .ckpt says global_step 875000, the 2.0-base / 2.1-base
+    # 512 px models. A 2.x-base .safetensors without a marker is thus taken as v_prediction; callers can override.
     if arch == "sd2":
         return "epsilon" if hints.get("global_step") == 875000 else "v_prediction"
     return "epsilon"
@@ -451,9 +444,9 @@ def _need(state_dict, key):
 def _build(factory, weights, what, dtype, *, clip=False):
     """Model from factory() on the meta device, then the weights (cast to dtype) assigned with strict checks."""
     with torch.device("meta"):
-        model = factory()
+        model = factory().eval()
     expected = model.state_dict()
-    if not hasattr(model, "text_model"):
+    if clip and not hasattr(model, "text_model"):
         # transformers >= 5.6 flattened CLIPTextModel (no text_model. prefix).
         weights = {key.removeprefix("text_model."): value for key, value in weights.items()}
     # The converters look keys up with .get, so a tensor missing from the file arrives as None.

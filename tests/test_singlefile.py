@@ -165,7 +165,8 @@ def test_real_text_encoder_configs(kind, real):
             layers = real["num_hidden_layers"] + (kind == "sd2")
             encoder = CLIPTextModel(CLIPTextConfig(**dict(real, num_hidden_layers=layers)))
     if kind == "clip":
-        hf = singlefile._hf_clip(sfu.convert_ldm_clip_checkpoint(clip_to_ldm(encoder.state_dict(), singlefile.SD1_TEXT)))
+        original = clip_to_ldm(encoder.state_dict(), singlefile.SD1_TEXT)
+        hf = singlefile._hf_clip(sfu.convert_ldm_clip_checkpoint(original))
     else:
         prefix = singlefile.SD2_TEXT if kind == "sd2" else singlefile.SGM_TEXT_2
         openclip = clip_to_openclip(encoder.state_dict(), prefix)

@@ -86,7 +86,8 @@ def vae_to_ldm(state_dict):
         elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            # the original decoder numbers its levels from the bottom (lowest resolution is up.0's last)
+            # the original decoder numbers its levels like the encoder (0 = full resolution) and runs them
+            # in reverse, while diffusers numbers them in running order
             level = levels - 1 - int(m[1])
             new = f"decoder.up.{level}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):

@@ -1,0 +1,261 @@
+"""The fewstep command line: a thin layer over fewstep.load() and Engine.generate()."""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import FewstepError, RequestError
+
+log = logging.getLogger("fewstep")
+
+
+def parse_steps(text):
+    """"4" -> [4]; "1-8" -> [1, ..., 8]."""
+    try:
+        if "-" in text:
+            a, b = (int(x) for x in text.split("-", 1))
+            if a < 1 or b < a:
+                raise ValueError
+            return list(range(a, b + 1))
+        return [int(text)]
+    except ValueError:
+        raise RequestError(f"--steps takes a number or a range like 1-8, got {text!r}") from None
+
+
+def parse_timesteps(text):
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise RequestError(f"--timesteps takes comma-separated integers like 999,759,499,259, got {text!r}") from None
+
+
+def parse_lora(text):
+    """SRC[:WEIGHT] -> (src, weight); a trailing part that is not a number belongs to the path."""
+    src, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return src, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def build_parser():
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="fewstep", description="Stable Diffusion-family models in 1-8 steps.")
+    p.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate images from a prompt",
+                       description="Generate images. Without --model the embedded default model is used.")
+    g.add_argument("prompt", help="the text prompt")
+    g.add_argument("--model", help="diffusers folder, hub id (owner/name) or single .safetensors checkpoint")
+    g.add_argument("--lcm", nargs="?", const=True, default=True, metavar="PATH",
+                   help="attach the LCM-LoRA for the model's architecture (default), or the one at PATH / hub id")
+    g.add_argument("--no-lcm", dest="lcm", action="store_false",
+                   help="no LCM-LoRA: the standard pipeline (euler, 25 steps, guidance 7.5)")
+    g.add_argument("--lora", action="append", default=[], metavar="SRC[:WEIGHT]",
+                   help="a LoRA file, folder or hub id with an optional weight (repeatable)")
+    g.add_argument("--sampler", choices=["lcm", "tcd", "euler"])
+    g.add_argument("--steps", help="number of steps, or a range like 1-8 (one image per count, and a grid)")
+    g.add_argument("--timesteps", help="custom LCM/TCD timesteps, e.g. 999,759,499,259")
+    g.add_argument("--guidance", type=float, help="<= 1: no CFG (LCM default 1); > 1: CFG with the negative prompt")
+    g.add_argument("--negative", help="negative prompt (used when guidance > 1)")
+    g.add_argument("--seed", type=int, help="seed of the first image (random when absent; always printed)")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--init-image", help="image-to-image: the starting image")
+    g.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default 0.6)")
+    g.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity in [0, 1] (default 0.3)")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt files (they can run code)")
+    g.add_argument("--out", default="outputs", help="output folder, or a .png file name (default: outputs/)")
+    g.add_argument("--json", action="store_true", help="print paths, seeds and timings as JSON on stdout")
+    g.add_argument("--verbose", "-v", action="store_true", help="also print LoRA reports and per-stage timings")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def output_paths(out, n, stem):
+    """n unused .png paths: inside the folder `out`, or derived from the file name `out`."""
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if n == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i + 1}.png") for i in range(n)]
+    out.mkdir(parents=True, exist_ok=True)
+    paths, taken = [], set()
+    for i in range(n):
+        base = f"{stem}-{i + 1}" if n > 1 else stem
+        path, k = out / f"{base}.png", 1
+        while path.exists() or path in taken:
+            k += 1
+            path = out / f"{base}_{k}.png"
+        taken.add(path)
+        paths.append(path)
+    return paths
+
+
+def cmd_generate(args):
+    import fewstep
+
+    from .images import grid, parameters_text, save_png
+    from .request import GenerateRequest
+
+    step_counts = parse_steps(args.steps) if args.steps else [None]
+    timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
+    if timesteps and args.steps:
+        raise RequestError("give --steps or --timesteps, not both")
+    if args.init_image is None and args.strength is not None:
+        raise RequestError("--strength only applies with --init-image")
+    loras = [parse_lora(s) for s in args.lora]
+    # check the request before the (slow) load: invalid input costs nothing
+    base = dict(prompt=args.prompt, negative_prompt=args.negative, guidance=args.guidance, seed=args.seed,
+                sampler=args.sampler, timesteps=timesteps, width=args.width, height=args.height,
+                num_images=args.num_images, strength=args.strength, gamma=args.gamma)
+    GenerateRequest(**base, init_image=args.init_image)
+    if args.init_image:
+        from .engine import load_image
+
+        base["init_image"] = load_image(args.init_image)
+
+    t0 = time.perf_counter()
+    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=args.lcm,
+                          allow_pickle=args.allow_pickle)
+    load_time = time.perf_counter() - t0
+    for note in engine.c.notes:
+        log.warning(note)
+    if engine.lcm_lora and args.verbose:
+        log.info(engine.loras[engine.lcm_lora].report.summary())
+    for src, weight in loras:
+        report = engine.load_lora(src, weight=weight, allow_pickle=args.allow_pickle)
+        if args.verbose:
+            log.info(report.summary())
+
+    seed = args.seed if args.seed is not None else __import__("secrets").randbelow(2**31)
+    base["seed"] = seed
+    runs, total = [], 0
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="generating", unit="step", file=sys.stderr, leave=False)
+
+    def on_step(i, n):
+        if bar is not None:
+            if i == 0:
+                bar.total = (bar.total or 0) + n
+                bar.refresh()
+            bar.update(1)
+
+    try:
+        for steps in step_counts:
+            result = engine.generate(steps=steps, callback=on_step, **base)
+            runs.append(result)
+            total += len(result.images)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    from . import __version__
+
+    stem = f"fewstep-{seed}"
+    records, all_images = [], []
+    paths = output_paths(args.out, total, stem)
+    k = 0
+    for result in runs:
+        params = dict(result.params, version=__version__, timesteps=result.timesteps if timesteps else None)
+        for image, s in zip(result.images, result.seeds):
+            save_png(image, paths[k], parameters_text(params, s))
+            records.append(dict(path=str(paths[k]), seed=s, steps=result.steps_run, timesteps=result.timesteps))
+            all_images.append(image)
+            k += 1
+    grid_path = None
+    if len(runs) > 1:
+        labels = [f"{r.steps_run} step{'s' if r.steps_run > 1 else ''}" for r in runs for _ in r.images]
+        cols = len(runs) if args.num_images == 1 else None
+        grid_path = Path(str(paths[0].parent / f"{stem}-grid.png"))
+        if Path(args.out).suffix.lower() == ".png":
+            grid_path = Path(args.out).with_name(f"{Path(args.out).stem}-grid.png")
+        save_png(grid(all_images, labels, cols), grid_path,
+                 parameters_text(dict(runs[0].params, version=__version__, steps=args.steps), seed))
+    if args.json:
+        print(json.dumps(dict(
+            model=engine.c.name, arch=engine.arch, device=str(engine.device), dtype=str(engine.dtype).split(".")[-1],
+            sampler=runs[0].params["sampler"], guidance=runs[0].params["guidance"], seed=seed, images=records,
+            grid=str(grid_path) if grid_path else None, load_seconds=round(load_time, 4),
+            loras={n: s.weight for n, s in engine.loras.items()},
+            timings=[dict(steps=r.steps_run, **r.timings) for r in runs],
+            warnings=sorted({w for r in runs for w in r.warnings}), notes=engine.c.notes), indent=2))
+    else:
+        p0 = runs[0].params
+        print(f"seed {seed}  sampler {p0['sampler']}  guidance {p0['guidance']:g}  model {engine.c.name}")
+        for r in records:
+            print(f"{r['path']}  (seed {r['seed']}, {r['steps']} step{'s' if r['steps'] > 1 else ''})")
+        if grid_path:
+            print(f"{grid_path}  (grid)")
+        if args.verbose:
+            for r in runs:
+                t = r.timings
+                steps = " ".join(f"{s:.3f}" for s in t["steps"])
+                print(f"timings ({r.steps_run} steps): text {t['text']:.3f}s, steps [{steps}]s, decode "
+                      f"{t['decode']:.3f}s, total {t['total']:.3f}s")
+    return 0
+
+
+def quiet_libraries():
+    """diffusers/transformers chatter (progress bars, deprecation notes) is not for fewstep's users."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fewstep: %(levelname)s: %(message)s"))
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.INFO, "info")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    log.propagate = False
+    try:
+        quiet_libraries()
+        if args.command == "generate":
+            return cmd_generate(args)
+    except FewstepError as e:
+        print(f"fewstep: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fewstep: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("fewstep: error: out of memory: lower --num-images or the size", file=sys.stderr)
+        return 3
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            print("fewstep: error: the device ran out of memory: lower --num-images or the size", file=sys.stderr)
+            return 3
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
