@@ -109,8 +109,8 @@ def _variant(folder, sub):
     return "fp16" if any(".fp16." in n and n.endswith(".safetensors") for n in names) else None
 
 
-def _from_folder(folder, allow_pickle):
-    """Components (on CPU, fp32) of a diffusers-format folder."""
+def _from_folder(folder, allow_pickle, dtype=torch.float32):
+    """Components (on CPU, in dtype) of a diffusers-format folder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -124,7 +124,7 @@ def _from_folder(folder, allow_pickle):
             raise LoadError(f"{folder} has no {sub}/ folder, which a {index['_class_name']} needs")
         try:
             return cls.from_pretrained(str(folder), subfolder=sub, variant=_variant(folder, sub),
-                                       use_safetensors=None if allow_pickle else True, **kw)
+                                       use_safetensors=None if allow_pickle else True, torch_dtype=dtype, **kw)
         except (OSError, EnvironmentError, ValueError) as e:
             pickled = any(n.endswith(PICKLE_SUFFIXES) for n in os.listdir(folder / sub))
             if pickled and not allow_pickle:
@@ -170,25 +170,25 @@ def hub_snapshot(repo_id, patterns=HUB_PATTERNS):
                         f"({type(e).__name__}): check the name or your connection, or pass a local path") from None
 
 
-def read_components(source, *, allow_pickle=False):
-    """Components on CPU in float32 from a folder, a single file or a hub id."""
+def read_components(source, *, allow_pickle=False, dtype=torch.float32):
+    """Components on CPU in dtype from a folder, a single file or a hub id."""
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise LoadError(f"{path} is a folder without model_index.json: give a diffusers model folder or a "
                             "single .safetensors checkpoint")
-        parts = _from_folder(path, allow_pickle)
+        parts = _from_folder(path, allow_pickle, dtype)
     elif path.is_file():
         from .singlefile import load_single_file
 
-        parts = load_single_file(path, allow_pickle=allow_pickle)
+        parts = load_single_file(path, allow_pickle=allow_pickle, torch_dtype=dtype)
         parts = dict(arch=parts["arch"], unet=parts["unet"], vae=parts["vae"],
                      text_encoders=[parts["text_encoder"]] + ([parts["text_encoder_2"]] if "text_encoder_2" in parts else []),
                      tokenizers=[parts["tokenizer"]] + ([parts["tokenizer_2"]] if "tokenizer_2" in parts else []),
                      scheduler_config=parts["scheduler_config"],
                      force_zeros_for_empty_prompt=parts.get("force_zeros_for_empty_prompt", False))
     elif HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        parts = _from_folder(hub_snapshot(str(source)), allow_pickle)
+        parts = _from_folder(hub_snapshot(str(source)), allow_pickle, dtype)
     else:
         raise LoadError(f"model {source} not found: give a diffusers folder, a .safetensors file or a hub id "
                         "(owner/name)")
@@ -221,7 +221,7 @@ def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pic
         path, name = default_model_path(), "fewstep-default"
     else:
         path, name = source, Path(str(source)).name if Path(str(source)).exists() else str(source)
-    parts = read_components(path, allow_pickle=allow_pickle)
+    parts = read_components(path, allow_pickle=allow_pickle, dtype=dt)
     if source is None:
         parts["arch"] = "shapes"
     engine = Engine(place(parts, path, name, dev, dt), dev, dt)
