@@ -191,7 +191,7 @@ def cmd_generate(args):
             sampler=runs[0].params["sampler"], guidance=runs[0].params["guidance"], seed=seed, images=records,
             grid=str(grid_path) if grid_path else None, load_seconds=round(load_time, 4),
             loras={n: s.weight for n, s in engine.loras.items()},
-            timings=[dict(steps=r.steps_run, **r.timings) for r in runs],
+            timings=[dict(r.timings, steps_run=r.steps_run) for r in runs],
             warnings=sorted({w for r in runs for w in r.warnings}), notes=engine.c.notes), indent=2))
     else:
         p0 = runs[0].params
