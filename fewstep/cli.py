@@ -1,6 +1,7 @@
 """The fewstep command line: a thin layer over fewstep.load() and Engine.generate()."""
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -10,6 +11,11 @@ from pathlib import Path
 from .errors import FewstepError, RequestError
 
 log = logging.getLogger("fewstep")
+
+# Subcommand modules: each has add_parser(subparsers), which sets `func` to its handler(args) -> exit code.
+# Their top-level imports stay light (no torch), so `fewstep --help` is fast.
+SUBCOMMANDS = ["fewstep.lora.cli", "fewstep.serve.cli", "fewstep.train.cli", "fewstep.bench",
+               "fewstep.worlds.shapes.cli"]
 
 
 def parse_steps(text):
@@ -78,6 +84,13 @@ def build_parser():
     g.add_argument("--json", action="store_true", help="print paths, seeds and timings as JSON on stdout")
     g.add_argument("--verbose", "-v", action="store_true", help="also print LoRA reports and per-stage timings")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+    for module in SUBCOMMANDS:
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except ModuleNotFoundError as e:
+            if not module.startswith(str(e.name)):  # a missing dependency of a present module is a real error
+                raise
     return p
 
 
@@ -238,8 +251,7 @@ def main(argv=None):
     log.propagate = False
     try:
         quiet_libraries()
-        if args.command == "generate":
-            return cmd_generate(args)
+        return args.func(args)
     except FewstepError as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
         return e.exit_code
