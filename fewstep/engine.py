@@ -98,7 +98,11 @@ class Engine:
 
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(self, prompt="", *, callback=None, **kw):
-        """Generate images; keyword arguments are GenerateRequest fields. Returns a Generation."""
+        """Generate images; keyword arguments are GenerateRequest fields. Returns a Generation.
+
+        callback(step_index, total_steps) runs after each step; raising fewstep.errors.Cancelled in it stops the
+        work at once (a server does this when its client has gone).
+        """
         req = kw.pop("request", None) or GenerateRequest(prompt=prompt, **kw)
         return self.run(req, callback=callback)
 
@@ -163,8 +167,11 @@ class Engine:
         prompts = [p for p in req.prompt for _ in range(req.num_images)]
         batch = len(prompts)
         self.check_memory(batch, req)
-        base_seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        seeds = [base_seed + i for i in range(batch)]
+        if req.seeds is not None:
+            seeds = list(req.seeds)
+        else:
+            base_seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+            seeds = [base_seed + i for i in range(batch)]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         dev = self.device
 

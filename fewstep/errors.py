@@ -19,3 +19,9 @@ class ResourceError(FewstepError):
     """Work that would not fit the device (memory) or produced an invalid result (NaN image)."""
 
     exit_code = 3
+
+
+class Cancelled(FewstepError):
+    """Work stopped on purpose (a callback asked for it, e.g. the client disconnected)."""
+
+    exit_code = 130

@@ -26,6 +26,7 @@ class GenerateRequest:
     strength: float | None = None
     gamma: float = 0.3  # TCD's stochasticity (diffusers' eta)
     original_steps: int | None = None  # LCM/TCD grid size (diffusers' original_inference_steps)
+    seeds: tuple | None = None  # explicit per-image seeds (one per prompt x num_images), e.g. for batched requests
 
     def __post_init__(self):
         prompt = self.prompt
@@ -55,6 +56,13 @@ class GenerateRequest:
                 raise RequestError(f"strength must be in (0, 1], got {self.strength}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise RequestError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}")
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(self.seeds))
+            if len(self.seeds) != len(self.prompt) * self.num_images:
+                raise RequestError(f"seeds: give one per image ({len(self.prompt) * self.num_images}), "
+                                   f"got {len(self.seeds)}")
+            if not all(isinstance(s, int) and 0 <= s < 2**63 for s in self.seeds):
+                raise RequestError("seeds must be whole numbers in [0, 2^63)")
         if not 0 <= self.gamma <= 1:
             raise RequestError(f"gamma must be in [0, 1], got {self.gamma}")
 

@@ -177,3 +177,26 @@ def test_sdxl_img2img_euler(sdxl, models):
     ref = pipe(PROMPT, image=init_image(2), strength=0.5, num_inference_steps=8, guidance_scale=1.0,
                generator=gens(12)).images
     assert_same(ours.images, ref)
+
+
+def test_explicit_seeds_give_the_images_of_separate_requests(sd):
+    engine, _ = sd
+    batch = engine.generate(["a cat", "a dog"], seeds=[7, 3], sampler="lcm", steps=2, guidance=1.0)
+    assert batch.seeds == [7, 3]
+    dog = engine.generate("a dog", seed=3, sampler="lcm", steps=2, guidance=1.0)
+    assert_same(batch.images[1:], dog.images, tol=1)
+
+
+def test_a_callback_can_cancel(sd):
+    from fewstep.errors import Cancelled
+
+    engine, _ = sd
+    calls = []
+
+    def stop(i, n):
+        calls.append(i)
+        raise Cancelled("client gone")
+
+    with pytest.raises(Cancelled):
+        engine.generate("a cat", sampler="lcm", steps=4, guidance=1.0, seed=0, callback=stop)
+    assert calls == [0]
