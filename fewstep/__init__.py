@@ -5,15 +5,16 @@ __version__ = "0.1.0"
 __all__ = ["load", "Engine", "GenerateRequest", "Generation", "FewstepError", "__version__"]
 
 
-def load(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False):
+def load(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False, **speed):
     """Load a model (diffusers folder, hub id, single .safetensors file; None: the embedded default) as an Engine.
 
     lcm: True attaches the published LCM-LoRA for the detected architecture, a path or hub id attaches that file,
     False loads the model as it is (the standard 25-step pipeline). Full LCM models need no LoRA.
+    speed: fewstep.speed.SpeedSettings fields (vae="tiny", compile=True, offload=True, channels_last=False, ...).
     """
     from .loading import load_engine
 
-    return load_engine(source, device=device, dtype=dtype, lcm=lcm, allow_pickle=allow_pickle)
+    return load_engine(source, device=device, dtype=dtype, lcm=lcm, allow_pickle=allow_pickle, **speed)
 
 
 def __getattr__(name):

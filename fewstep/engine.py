@@ -3,6 +3,7 @@
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -12,6 +13,7 @@ from . import sampling, schedules, text
 from .denoiser import guidance_embedding, make_denoiser
 from .errors import RequestError, ResourceError
 from .request import GenerateRequest
+from .speed import OnDevice, SpeedSettings
 
 log = logging.getLogger("fewstep")
 
@@ -45,6 +47,12 @@ class Engine:
         self.vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self.lcm_lora = None  # name of the attached LCM-LoRA, if any
         self.loras = {}  # name -> LoraState (fewstep.lora)
+        # What runs, as fewstep.speed sets it up: the decoder (full VAE or a tiny one) and the hot callables.
+        self.speed = SpeedSettings()
+        self.decoder = components.vae
+        self.unet_fn, self.decode_fn = components.unet, components.vae.decode
+        self._prompt_cache = OrderedDict()
+        self.check_finite = True  # benchmarks on random weights turn the NaN check off
 
     # ---- facts -------------------------------------------------------------------------------------------------
     @property
@@ -207,7 +215,8 @@ class Engine:
 
         sampler = sampling.SAMPLERS[req.sampler]
         kw = {"timestep_scaling": self.noise_schedule.timestep_scaling} if req.sampler == "lcm" else {}
-        latents = sampler(denoise, latents, sched, noise=lambda like: randn(like.shape), callback=on_step, **kw)
+        with OnDevice(self, self.c.unet):
+            latents = sampler(denoise, latents, sched, noise=lambda like: randn(like.shape), callback=on_step, **kw)
         timings["steps"] = step_times
         t0 = time.perf_counter()
         images = self.decode(latents)
@@ -230,15 +239,14 @@ class Engine:
         c, dev = self.c, self.device
         for p in text.truncated(c.tokenizers[0], sorted(set(prompts))):
             log.warning("prompt longer than 77 tokens is truncated: %r", p[:60] + "...")
-        cond, pooled = text.encode(c.tokenizers, c.text_encoders, prompts, dev)
+        cond, pooled = self.encode_prompts(prompts)
         cfg = not self.full_lcm and req.guidance > 1
         uncond = pooled_u = None
         if cfg:
             if c.preset.xl and req.negative_prompt is None and c.force_zeros_for_empty_prompt:
                 uncond, pooled_u = torch.zeros_like(cond), torch.zeros_like(pooled)
             else:
-                uncond, pooled_u = text.encode(c.tokenizers, c.text_encoders,
-                                               [req.negative_prompt or ""] * len(prompts), dev)
+                uncond, pooled_u = self.encode_prompts([req.negative_prompt or ""] * len(prompts))
         added = added_u = None
         if c.preset.xl or c.unet.config.get("addition_embed_type") == "text_time":
             # SDXL micro-conditioning: original size, crop top-left, target size (all the output size here)
@@ -249,9 +257,25 @@ class Engine:
         if self.full_lcm:
             w = torch.full((len(prompts),), req.guidance - 1.0)
             tcond = guidance_embedding(w, c.unet.config.time_cond_proj_dim).to(dev)
-        return make_denoiser(c.unet, cond, prediction_type=self.noise_schedule.prediction_type,
+        return make_denoiser(self.unet_fn, cond, prediction_type=self.noise_schedule.prediction_type,
                              guidance=req.guidance, uncond=uncond, added=added, added_uncond=added_u,
                              timestep_cond=tcond, dtype=self.dtype)
+
+    def encode_prompts(self, prompts):
+        """Text embeddings, cached per prompt and adapter set (a text-encoder LoRA changes them)."""
+        c = self.c
+        key = (tuple(prompts), tuple(sorted((n, s.weight) for n, s in self.loras.items())))
+        hit = self._prompt_cache.get(key)
+        if hit is not None:
+            self._prompt_cache.move_to_end(key)
+            return hit
+        with _on_devices(self, c.text_encoders):
+            out = text.encode(c.tokenizers, c.text_encoders, prompts, self.device)
+        if self.speed.prompt_cache:
+            self._prompt_cache[key] = out
+            while len(self._prompt_cache) > self.speed.prompt_cache:
+                self._prompt_cache.popitem(last=False)
+        return out
 
     def encode_image(self, image, width, height, gens):
         """VAE latents of the init image, sampled per image from its generator (diffusers' order), scaled."""
@@ -259,7 +283,8 @@ class Engine:
         if image.size != (width, height):
             image = image.resize((width, height), resample=_lanczos())
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
-        dist = vae.encode(x.to(self.device, vae.dtype)).latent_dist
+        with OnDevice(self, vae):
+            dist = vae.encode(x.to(self.device, vae.dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
         samples = [mean + std * torch.randn(mean.shape, generator=g).to(self.device) for g in gens]
         return torch.cat(samples) * vae.config.scaling_factor
@@ -268,13 +293,14 @@ class Engine:
         """PIL images from latents, one image at a time (the decoder's activations dominate memory)."""
         from PIL import Image
 
-        vae = self.c.vae
+        dec = self.decoder
         images = []
         for i in range(len(latents)):
-            x = vae.decode((latents[i:i + 1] / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+            with OnDevice(self, dec):
+                x = self.decode_fn((latents[i:i + 1] / dec.config.scaling_factor).to(dec.dtype), return_dict=False)[0]
             x = x.float()
-            if not torch.isfinite(x).all():
-                raise ResourceError(f"the decoded image has NaN/inf values (VAE overflow in {vae.dtype}): "
+            if self.check_finite and not torch.isfinite(x).all():
+                raise ResourceError(f"the decoded image has NaN/inf values (VAE overflow in {dec.dtype}): "
                                     "try --dtype fp32 or bf16")
             arr = ((x / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
             images.append(Image.fromarray(arr))
@@ -300,6 +326,22 @@ class Engine:
         vae_ch = self.c.vae.config.block_out_channels[0]
         decode = req.height * req.width * vae_ch * 8 * 4
         return unet + decode
+
+
+class _on_devices:
+    """OnDevice for several modules at once."""
+
+    def __init__(self, engine, modules):
+        self.ctx = [OnDevice(engine, m) for m in modules]
+
+    def __enter__(self):
+        for c in self.ctx:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in self.ctx:
+            c.__exit__(*exc)
+        return False
 
 
 def free_memory(device):

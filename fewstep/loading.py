@@ -207,12 +207,14 @@ def place(parts, source, name, device, dtype):
     return Components(source=str(source), name=name, **parts)
 
 
-def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False):
-    """fewstep.load: read, place, and attach the LCM-LoRA the request asks for."""
+def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False, **speed):
+    """fewstep.load: read, place, attach the LCM-LoRA the request asks for, set up the fast path."""
+    from . import speed as speed_mod
     from .engine import Engine
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    settings = speed_mod.auto_settings(dev, **speed)
     if dev.type == "cpu" and dt == torch.float16:
         raise LoadError("fp16 on the CPU is very slow and unsupported by many kernels: use bf16 or fp32")
     if source is None:
@@ -224,7 +226,7 @@ def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pic
     parts = read_components(path, allow_pickle=allow_pickle, dtype=dt)
     if source is None:
         parts["arch"] = "shapes"
-    engine = Engine(place(parts, path, name, dev, dt), dev, dt)
+    engine = Engine(place(parts, path, name, torch.device("cpu") if settings.offload else dev, dt), dev, dt)
     if source is None:
         from .default_model import UNTRAINED_NOTE
 
@@ -240,4 +242,5 @@ def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pic
 
             load_lora(engine, src, name="lcm", weight=1.0, allow_pickle=allow_pickle)
             engine.lcm_lora = "lcm"
+    engine.speed_report = speed_mod.apply(engine, settings)
     return engine

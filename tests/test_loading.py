@@ -83,8 +83,8 @@ def test_bf16_engine_stays_close_to_fp32(models):
 
 def test_nan_images_are_refused(models, monkeypatch):
     engine = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
-    real = engine.c.vae.decode
-    monkeypatch.setattr(engine.c.vae, "decode", lambda z, return_dict=False: (real(z, return_dict=False)[0] * float("nan"),))
+    real = engine.decode_fn
+    monkeypatch.setattr(engine, "decode_fn", lambda z, return_dict=False: (real(z, return_dict=False)[0] * float("nan"),))
     with pytest.raises(ResourceError, match="NaN"):
         engine.generate("a cat", sampler="lcm", steps=1, guidance=1.0, seed=0)
 

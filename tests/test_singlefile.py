@@ -105,30 +105,7 @@ def test_torch_dtype(tmp_path):
     assert positions.dtype == torch.long
 
 
-# Real configurations, as published by diffusers (SD 1.5, SD 2.1, SDXL base).
-SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                 cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD2_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                use_linear_projection=True, upcast_attention=True)
-SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-# SSD-1B: SDXL without the mid-block transformer and with lighter up blocks (depths as in its original layout).
-SSD1B_UNET = dict(SDXL_UNET, mid_block_type="UNetMidBlock2D", transformer_layers_per_block=(1, 2, 4),
-                  reverse_transformer_layers_per_block=[[4, 4, 10], [2, 1, 1], [1, 1, 1]])
-SD_VAE = dict(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-VIT_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-             hidden_act="quick_gelu")
-VIT_H = dict(hidden_size=1024, num_hidden_layers=23, num_attention_heads=16, intermediate_size=4096, hidden_act="gelu")
-BIG_G = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
-             hidden_act="gelu", projection_dim=1280)
+from fewstep.arch import BIG_G, SD2_UNET, SD15_UNET, SD_VAE, SDXL_UNET, SDXL_VAE, SSD1B_UNET, VIT_H, VIT_L  # noqa: E402
 
 
 @pytest.mark.parametrize("arch, unet, vae, prediction_type", [
