@@ -1,0 +1,317 @@
+"""The HTTP app: OpenAI and A1111 routes, health, metrics, the page; access, size and rate limits."""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import Cancelled, FewstepError, LoadError, ResourceError
+from ..images import SAMPLER_NAMES
+from ..request import SAMPLERS
+from . import dialects
+from .adapters import Adapters
+from .batcher import Batcher, GenerationFailed, QueueFull, TimedOut
+from .config import ServeConfig
+from .metrics import Metrics
+
+log = logging.getLogger("fewstep")
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = ("/health", "/", "/favicon.ico")  # and /static/: the page's files hold no data and cost no compute
+KINDS = {401: "authentication_error", 404: "not_found", 413: "invalid_request_error", 422: "invalid_request_error",
+         429: "rate_limit_error", 499: "client_closed_request", 504: "timeout"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its images were ready."""
+
+
+class Server:
+    """Everything one app holds: the engine (touched only by the batcher's thread), limits, metrics, adapters."""
+
+    def __init__(self, engine, config):
+        self.engine = engine
+        self.config = config
+        self.metrics = Metrics()
+        self.adapters = Adapters(engine, config.lora_dir, max_weight=config.max_lora_weight,
+                                 max_per_request=config.max_loras, max_loaded=config.loaded_loras)
+        self.batcher = Batcher(engine, self.adapters, max_batch=config.max_batch, max_wait=config.max_wait,
+                               queue_size=config.queue_size, metrics=self.metrics)
+        self.metrics.watch(self.batcher)
+        self.model = engine.c.name
+        self.created = int(time.time())
+        self.files = OrderedDict()  # token -> PNG bytes, for response_format "url"
+
+    def keep(self, png):
+        token = secrets.token_urlsafe(18)
+        self.files[token] = png
+        while len(self.files) > self.config.keep_images:
+            self.files.popitem(last=False)
+        return token
+
+    async def generate(self, request, spec, api):
+        """Queue the spec and wait for its Result, dropping the work when the client leaves or time runs out."""
+        t0 = time.monotonic()
+        job = self.batcher.submit(spec, self.config.timeout)
+        fut = asyncio.wrap_future(job.future)
+        try:
+            while not fut.done():
+                left = job.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimedOut(f"the request did not finish within {self.config.timeout:g} s")
+                await asyncio.wait({fut}, timeout=min(0.25, left))
+                if not fut.done() and await request.is_disconnected():
+                    raise ClientGone()
+            result = fut.result()
+        finally:
+            job.cancel()  # no effect once done; otherwise its queued images are dropped and its batch may stop
+            fut.cancel()  # nobody will read the outcome now
+        self.metrics.request_seconds.labels(api).observe(time.monotonic() - t0)
+        return result
+
+
+def error(status, message, param=None, reason=None, headers=None):
+    """OpenAI's error shape, plus FastAPI's `detail` list naming the field and the reason."""
+    kind = KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    if param:
+        body["detail"] = [{"loc": ["body", *param.split(".")], "msg": reason or message, "type": "value_error"}]
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Gate:
+    """ASGI middleware: API key, body size limit, and the per-route request counter."""
+
+    def __init__(self, app, server):
+        self.app = app
+        self.server = server
+        key = server.config.api_key
+        self.key = key.encode() if key else None
+
+    def authorized(self, scope):
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"")
+        scheme, _, value = auth.partition(b" ")
+        if scheme.lower() == b"bearer":
+            return hmac.compare_digest(value.strip(), self.key)
+        if scheme.lower() == b"basic":  # A1111 clients send --api-auth as Basic; the password is the key
+            try:
+                _, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(password, self.key)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._call(scope, receive, counting_send)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "other")
+            self.server.metrics.requests.labels(label, str(status[0])).inc()
+
+    async def _call(self, scope, receive, send):
+        path, metrics, limit = scope["path"], self.server.metrics, self.server.config.max_body_bytes
+        if self.key and path not in OPEN_PATHS and not path.startswith("/static/") and not self.authorized(scope):
+            metrics.refused.labels("unauthorized").inc()
+            response = error(401, "a valid API key is required: send the header Authorization: Bearer KEY",
+                             headers={"WWW-Authenticate": 'Bearer realm="fewstep"'})
+            return await response(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            metrics.refused.labels("too_large").inc()
+            return await error(413, f"the request body is larger than {limit} bytes")(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # a chunked body with no length announced
+                    metrics.refused.labels("too_large").inc()
+                    raise HTTPException(413, f"the request body is larger than {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(engine, config=None):
+    """The FastAPI app serving `engine`; its batcher starts and stops with the app's lifespan."""
+    config = config or ServeConfig()
+    server = Server(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.batcher.close)
+
+    app = FastAPI(title="fewstep", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(Gate, server=server)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    refused = server.metrics.refused
+
+    # ---- errors --------------------------------------------------------------------------------------------------
+    @app.exception_handler(dialects.Invalid)
+    async def on_invalid(request, e):
+        refused.labels("invalid").inc()
+        return error(422, str(e), e.param, e.reason)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request, e):
+        refused.labels("invalid").inc()
+        first = e.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid value")
+        return error(422, f"{param}: {msg}" if param else msg, param, msg)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request, e):
+        return error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(QueueFull)
+    async def on_full(request, e):
+        refused.labels("queue_full").inc()
+        return error(429, str(e), headers={"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(TimedOut)
+    async def on_timeout(request, e):
+        refused.labels("timeout").inc()
+        return error(504, str(e))
+
+    @app.exception_handler(ClientGone)
+    async def on_gone(request, e):
+        refused.labels("disconnected").inc()
+        return error(499, "the client closed the connection")
+
+    @app.exception_handler(FewstepError)
+    async def on_fewstep(request, e):
+        if isinstance(e, Cancelled):
+            return error(503, str(e))
+        if isinstance(e, ResourceError):
+            return error(503, str(e))
+        if isinstance(e, LoadError):  # a file in --lora-dir that does not fit this model
+            return error(422, str(e), "loras")
+        return error(422, str(e), dialects.field_of(str(e)))
+
+    @app.exception_handler(GenerationFailed)
+    async def on_failed(request, e):
+        return error(500, str(e))
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+    @app.post("/v1/images/generations")
+    async def openai_generations(body: dialects.OpenAIImages, request: Request):
+        spec = dialects.openai_spec(server, body)
+        result = await server.generate(request, spec, "openai")
+        pngs = await run_in_threadpool(dialects.encode_all, result)
+        urls = None
+        if body.response_format == "url":
+            urls = [str(request.url_for("image_file", token=server.keep(png))) for png in pngs]
+        return dialects.openai_response(spec, result, pngs, urls)
+
+    @app.get("/v1/images/files/{token}.png", name="image_file")
+    async def image_file(token: str):
+        png = server.files.get(token)
+        if png is None:
+            return error(404, "no such image (images are kept for a while only)")
+        return Response(png, media_type="image/png")
+
+    @app.post("/sdapi/v1/txt2img")
+    async def a1111_txt2img(body: dialects.A1111Txt2Img, request: Request):
+        spec = dialects.a1111_spec(server, body)
+        return await a1111_run(body, spec, request)
+
+    @app.post("/sdapi/v1/img2img")
+    async def a1111_img2img(body: dialects.A1111Img2Img, request: Request):
+        if body.mask:
+            raise dialects.Invalid("mask", "inpainting is not supported: leave mask out")
+        if len(body.init_images) != 1:
+            raise dialects.Invalid("init_images", f"give exactly one image, got {len(body.init_images)}")
+        image = await run_in_threadpool(dialects.decode_image, body.init_images[0],
+                                        max_pixels=config.max_image_pixels)
+        spec = dialects.a1111_spec(server, body, init_image=image)
+        return await a1111_run(body, spec, request)
+
+    async def a1111_run(body, spec, request):
+        result = await server.generate(request, spec, "a1111")
+        pngs = await run_in_threadpool(dialects.encode_all, result)
+        return dialects.a1111_response(body, spec, result, pngs, server.model)
+
+    # ---- what clients ask before generating ----------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model, "object": "model", "created": server.created,
+                                            "owned_by": "fewstep"}]}
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        return [{"title": server.model, "model_name": server.model, "hash": None, "sha256": None,
+                 "filename": server.model, "config": None}]
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return [{"name": SAMPLER_NAMES[s], "aliases": [s], "options": {}} for s in SAMPLERS]
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        return [{"name": n, "alias": n} for n in server.adapters.available()]
+
+    @app.get("/sdapi/v1/options")
+    async def options():
+        return {"sd_model_checkpoint": server.model}
+
+    @app.get("/api/info")
+    async def info():
+        """What the page needs: model, defaults, limits, LoRA names."""
+        c = config
+        return {"model": server.model, "version": __version__, "notes": list(engine.c.notes),
+                "native_size": engine.native_size,
+                "size_step": engine.vae_factor, "defaults": engine.defaults(), "samplers": list(SAMPLERS),
+                "loras": server.adapters.available(),
+                "limits": {"max_size": c.max_size, "max_images": c.max_images, "max_steps": c.max_steps,
+                           "max_guidance": c.max_guidance, "max_lora_weight": c.max_lora_weight,
+                           "max_loras": c.max_loras}}
+
+    # ---- the page ------------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app

@@ -1,0 +1,323 @@
+"""Request batching: compatible requests share one UNet batch; one worker thread owns the engine.
+
+Requests are grouped by everything that must be equal inside one engine call (steps, guidance, sampler, size,
+negative prompt, adapter set, init image); prompts and seeds may differ, since the engine takes one seed per image
+and a batched image equals the image the same request gets alone. The oldest waiting request picks the next batch,
+which waits at most `max_wait` for company; adapter sets are switched between batches, never during one.
+"""
+
+import concurrent.futures
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import Cancelled, FewstepError
+from ..request import GenerateRequest
+
+log = logging.getLogger("fewstep")
+
+
+class QueueFull(FewstepError):
+    """The queue holds as many images as it may; retry after `retry_after` seconds."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TimedOut(FewstepError):
+    """A request that was still waiting or running when its time was up."""
+
+
+class GenerationFailed(Exception):
+    """An unexpected engine failure (a bug or a device fault), reported to the requests of its batch."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One request as the engine will run it: defaults resolved, one seed per image, a canonical adapter set."""
+
+    prompt: str
+    seeds: tuple
+    negative_prompt: str | None
+    steps: int
+    guidance: float
+    sampler: str
+    width: int
+    height: int
+    loras: tuple = ()  # ((name, weight), ...) sorted, no zero weights
+    init_image: object = field(default=None, repr=False, compare=False)
+    strength: float | None = None
+
+    @property
+    def n(self):
+        return len(self.seeds)
+
+    def key(self):
+        """Requests with equal keys can run in one engine call."""
+        image = None if self.init_image is None else id(self.init_image)  # one init image per engine call
+        return (self.steps, self.guidance, self.sampler, self.width, self.height, self.negative_prompt, self.loras,
+                self.strength, image)
+
+
+def random_seeds(n, seed=None):
+    """n consecutive seeds from `seed`, or from a random one."""
+    base = secrets.randbelow(2**31) if seed is None else seed
+    return tuple(base + i for i in range(n))
+
+
+@dataclass
+class Result:
+    images: list
+    seeds: list
+    params: dict  # as Engine.describe, for this request alone
+    queue_seconds: float  # arrival to the start of its first batch
+    compute_seconds: float  # engine time of the batches it rode in
+    total_seconds: float
+    batch_images: int  # the largest batch it rode in
+    warnings: list
+
+
+class Job:
+    """A submitted Spec: its images are filled in by one or more batches; `future` gets the Result."""
+
+    def __init__(self, spec, timeout):
+        self.spec = spec
+        self.future = concurrent.futures.Future()
+        self.arrived = time.monotonic()
+        self.deadline = self.arrived + timeout
+        self.scheduled = 0  # images handed to batches so far
+        self.images = [None] * spec.n
+        self.done = 0
+        self.started = None
+        self.compute = 0.0
+        self.batch_images = 0
+        self.params = None
+        self.warnings = []
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self):
+        return self._cancelled.is_set() or self.future.done()
+
+    def cancel(self):
+        """Stop spending compute on this job (client gone, timed out): queued images are dropped, a batch of only
+        cancelled jobs stops at its next step."""
+        self._cancelled.set()
+
+    def fail(self, error):
+        self._cancelled.set()
+        self._settle(self.future.set_exception, error)
+
+    def _settle(self, setter, value):
+        # the request side may cancel the future at any moment (its client left): then nobody wants the outcome
+        try:
+            if not self.future.done():
+                setter(value)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def deliver(self, start, images, params, seconds, batch_images, warnings):
+        self.images[start:start + len(images)] = images
+        self.done += len(images)
+        self.compute += seconds
+        self.batch_images = max(self.batch_images, batch_images)
+        self.params = params
+        self.warnings = sorted(set(self.warnings) | set(warnings))
+        if self.done == self.spec.n:
+            total = time.monotonic() - self.arrived
+            self._settle(self.future.set_result, Result(self.images, list(self.spec.seeds), params,
+                                                        self.started - self.arrived, self.compute, total,
+                                                        self.batch_images, self.warnings))
+
+
+class Batcher:
+    """Queue + one worker thread that runs every engine call (generation and adapter switches)."""
+
+    def __init__(self, engine, adapters, *, max_batch=8, max_wait=0.02, queue_size=64, metrics=None):
+        self.engine = engine
+        self.adapters = adapters
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self.seconds_per_image = None  # running estimate, for Retry-After
+        self._pending = deque()  # jobs with images not yet handed to a batch, oldest first
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = None
+
+    # ---- the request side --------------------------------------------------------------------------------------
+    def submit(self, spec, timeout):
+        """Queue a Spec; raises QueueFull when it would not fit."""
+        job = Job(spec, timeout)
+        with self._cv:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            queued = self.queued_images()
+            if queued + spec.n > self.queue_size:
+                per_image = self.seconds_per_image or 1.0
+                wait = max(1, math.ceil(queued * per_image))
+                raise QueueFull(f"the queue is full ({queued} images waiting, at most {self.queue_size}): retry in "
+                                f"{wait} s", wait)
+            self._pending.append(job)
+            self._cv.notify()
+        return job
+
+    def queued_images(self):
+        with self._cv:
+            self._drop_dead()
+            return sum(j.spec.n - j.scheduled for j in self._pending)
+
+    def queued_requests(self):
+        with self._cv:
+            self._drop_dead()
+            return len(self._pending)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="fewstep-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout=30):
+        """Refuse new work, fail what waits, finish the running batch, take the server's adapters out."""
+        with self._cv:
+            self._closed = True
+            for job in self._pending:
+                job.fail(Cancelled("the server is shutting down"))
+            self._pending.clear()
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the worker --------------------------------------------------------------------------------------------
+    def _loop(self):
+        try:
+            while True:
+                batch = self._take()
+                if batch is None:
+                    break
+                self._run(batch)
+        finally:
+            try:
+                self.adapters.unload_all()
+            except Exception:  # noqa: BLE001 - shutting down; the engine is discarded with the process anyway
+                log.exception("unloading the server's LoRAs failed")
+
+    def _drop_dead(self):
+        """Forget queued jobs whose client left or whose time ran out (caller holds the lock)."""
+        now = time.monotonic()
+        for job in [j for j in self._pending if j.cancelled or now > j.deadline]:
+            job.fail(TimedOut("the request timed out while queued") if now > job.deadline
+                     else Cancelled("the client has gone"))
+            self._pending.remove(job)
+
+    def _take(self):
+        """The next batch: [(job, first image, count)], all with the oldest job's key; None when closed."""
+        with self._cv:
+            while True:
+                self._drop_dead()
+                if self._closed:
+                    return None
+                if not self._pending:
+                    self._cv.wait()
+                    continue
+                head = self._pending[0]
+                key = head.spec.key()
+                ready = sum(j.spec.n - j.scheduled for j in self._pending if j.spec.key() == key)
+                left = head.arrived + self.max_wait - time.monotonic()
+                if ready >= self.max_batch or left <= 0:
+                    break
+                self._cv.wait(min(left, 0.05))  # wake up to drop jobs of clients that left
+            batch, room = [], self.max_batch
+            for job in list(self._pending):
+                if room == 0:
+                    break
+                if job.spec.key() != key:
+                    continue
+                count = min(room, job.spec.n - job.scheduled)
+                batch.append((job, job.scheduled, count))
+                job.scheduled += count
+                room -= count
+                if job.scheduled == job.spec.n:
+                    self._pending.remove(job)
+            return batch
+
+    def _run(self, batch):
+        """One engine call for the batch; on an error with several jobs, each runs alone so only its own fails."""
+        batch = [c for c in batch if not c[0].cancelled]
+        if not batch:
+            return
+        jobs = list({id(j): j for j, _, _ in batch}.values())
+        spec = batch[0][0].spec
+        now = time.monotonic()
+        for job in jobs:
+            if job.started is None:
+                job.started = now
+                if self.metrics:
+                    self.metrics.queue_seconds.observe(now - job.arrived)
+        try:
+            before = self.adapters.switches
+            self.adapters.apply(spec.loras)
+            if self.metrics and self.adapters.switches != before:
+                self.metrics.adapter_switches.inc()
+            req = GenerateRequest(
+                prompt=tuple(j.spec.prompt for j, _, count in batch for _ in range(count)),
+                seeds=tuple(s for j, start, count in batch for s in j.spec.seeds[start:start + count]),
+                negative_prompt=spec.negative_prompt, steps=spec.steps, guidance=spec.guidance, sampler=spec.sampler,
+                width=spec.width, height=spec.height, init_image=spec.init_image, strength=spec.strength)
+
+            def on_step(i, total):
+                if self.metrics:
+                    self.metrics.unet_steps.inc()
+                if all(j.cancelled for j in jobs):
+                    raise Cancelled("every client of this batch has gone")
+
+            t0 = time.perf_counter()
+            gen = self.engine.run(req, callback=on_step)
+            seconds = time.perf_counter() - t0
+        except Cancelled as e:
+            if self.metrics:
+                self.metrics.cancelled_batches.inc()
+            for job in jobs:
+                job.fail(e)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure belongs to the requests of this batch, not the server
+            if len(batch) > 1:
+                for chunk in batch:
+                    self._run([chunk])
+                return
+            if not isinstance(e, FewstepError):
+                log.exception("generation failed")
+                e = GenerationFailed(f"generation failed: {type(e).__name__}")
+            for job in jobs:
+                job.fail(e)
+            return
+        n = len(gen.images)
+        self.seconds_per_image = seconds / n if self.seconds_per_image is None else (
+            0.8 * self.seconds_per_image + 0.2 * seconds / n)
+        if self.metrics:
+            self.metrics.batch_images.observe(n)
+            self.metrics.batch_seconds.observe(seconds)
+            self.metrics.images.inc(n)
+        k = 0
+        for job, start, count in batch:
+            params = dict(gen.params, prompt=job.spec.prompt, loras=dict(job.spec.loras),
+                          negative_prompt=job.spec.negative_prompt)
+            job.deliver(start, gen.images[k:k + count], params, seconds, n, gen.warnings)
+            k += count
+
+
+def check_request(engine, spec):
+    """The engine's own checks of a Spec, without touching engine state (safe off the worker thread)."""
+    req = GenerateRequest(prompt=spec.prompt, seeds=spec.seeds, num_images=len(spec.seeds),
+                          negative_prompt=spec.negative_prompt, steps=spec.steps, guidance=spec.guidance,
+                          sampler=spec.sampler, width=spec.width, height=spec.height, init_image=spec.init_image,
+                          strength=spec.strength)
+    req, _ = engine.resolve(req)
+    engine.schedule(req)
+    return req
