@@ -1,0 +1,371 @@
+"""`fewstep bench`: fewstep against diffusers' own pipelines, same model, same process, alternated, median of N.
+
+Random weights of the real architecture unless --model is given (compute does not depend on the values; every row
+says which). diffusers runs twice: as the LCM-LoRA blog's code runs it (LoRA loaded unfused through peft, the
+dtype a user gets by default: fp32 on CPU, fp16 on GPU) and tuned (bf16 on CPU / fp16 on GPU, LoRA fused, SDPA).
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+NATIVE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "ssd1b": 1024}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+
+
+def add_parser(sub):
+    b = sub.add_parser("bench", help="benchmark fewstep against diffusers on this machine",
+                       description=__doc__.split("\n\n")[0])
+    b.add_argument("--arch", default="sd15", choices=sorted(NATIVE))
+    b.add_argument("--model", help="real weights (diffusers folder, hub id or .safetensors) instead of random ones")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default="auto", help="fewstep's dtype (auto: bf16 on AMX CPUs, fp16 on GPUs)")
+    b.add_argument("--size", type=int, help="image side (default: the architecture's native size)")
+    b.add_argument("--quick", action="store_true", help="half the native size: a short run")
+    b.add_argument("--runs", type=int, default=3, help="timed runs of each configuration (median reported)")
+    b.add_argument("--modes", default="lcm,euler", help="lcm (LCM-LoRA 4 steps) and/or euler (25 steps, CFG 7.5)")
+    b.add_argument("--systems", default="fewstep,diffusers-seed,diffusers-tuned")
+    b.add_argument("--euler-steps", type=int, default=25)
+    b.add_argument("--batch", default="1", help="batch sizes for the throughput rows, e.g. 1,4,8 (LCM mode)")
+    b.add_argument("--vae", default="full", help="fewstep's decoder: full, tiny, or an AutoencoderTiny path/hub id")
+    b.add_argument("--compile", action="store_true", help="torch.compile fewstep's UNet and decoder (time reported)")
+    b.add_argument("--json", action="store_true", help="print the rows as JSON")
+    b.add_argument("--out", help="also write the JSON rows to this file")
+    b.set_defaults(func=run_bench)
+
+
+class PeakMemory:
+    """Peak memory of a run: CUDA's allocator peak, or the process RSS sampled every 5 ms on the CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = _rss()
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+            self.extra = self.peak_bytes - self.base
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, _rss())
+            self.extra = self.peak - self.base
+        return False
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class StageTimer:
+    """Forward hooks that time the text encoders, each UNet call and the decoder (synchronising on CUDA)."""
+
+    def __init__(self, device, text_encoders, unet, decode_owner, decode_attr):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.times = {"text": 0.0, "unet": [], "decode": 0.0}
+        self.handles = []
+        for enc in text_encoders:
+            self._hook(enc, "text")
+        self._hook(unet, "unet")
+        self.owner, self.attr = decode_owner, decode_attr
+        self.real_decode = getattr(decode_owner, decode_attr)
+
+        def decode(*a, **k):
+            self.sync()
+            t0 = time.perf_counter()
+            out = self.real_decode(*a, **k)
+            self.sync()
+            self.times["decode"] += time.perf_counter() - t0
+            return out
+
+        setattr(decode_owner, decode_attr, decode)
+
+    def _hook(self, module, key):
+        start = {}
+
+        def pre(*_):
+            self.sync()
+            start["t"] = time.perf_counter()
+
+        def post(*_):
+            self.sync()
+            dt = time.perf_counter() - start["t"]
+            if key == "unet":
+                self.times["unet"].append(dt)
+            else:
+                self.times[key] += dt
+
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        setattr(self.owner, self.attr, self.real_decode)
+
+
+def lcm_lora_state_dict(unet, rank=64, seed=0):
+    """A random LoRA with the LCM-LoRA recipe's key set (kohya layout, fp16, rank 64 + alphas)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LORA_TARGETS):
+            w = m.weight
+            key = "lora_unet_" + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = (torch.randn((rank, *w.shape[1:]), generator=gen) * 1e-3).half()
+            sd[f"{key}.lora_up.weight"] = (torch.randn((w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ()),
+                                                       generator=gen) * 1e-3).half()
+            sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def run_bench(args):
+    import copy
+
+    import torch
+    from safetensors.torch import save_file
+
+    from . import loading, speed
+    from .engine import Engine
+    from .errors import RequestError
+
+    dev = loading.resolve_device(args.device)
+    dt = loading.resolve_dtype(args.dtype, dev)
+    size = args.size or (NATIVE[args.arch] // (2 if args.quick else 1))
+    modes = [m for m in args.modes.split(",") if m]
+    systems = [s for s in args.systems.split(",") if s]
+    batches = [int(b) for b in args.batch.split(",")]
+    if not set(modes) <= {"lcm", "euler"} or not set(systems) <= {"fewstep", "diffusers-seed", "diffusers-tuned"}:
+        raise RequestError("--modes takes lcm,euler; --systems takes fewstep,diffusers-seed,diffusers-tuned")
+    print(f"fewstep bench: building {args.arch} ({'weights of ' + args.model if args.model else 'random weights'})"
+          f" on {dev}...", file=sys.stderr)
+    parts = loading.read_components(args.model) if args.model else _random(args.arch)
+    weights = "real" if args.model else "random"
+    lora = lcm_lora_state_dict(parts["unet"])
+    lora_file = Path(f"/tmp/fewstep-bench-lcm-lora-{args.arch}.safetensors")
+    save_file(lora, str(lora_file))
+
+    # diffusers as the blog runs it keeps its own copy in the default dtype (fp32 CPU / fp16 GPU)
+    seed_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    tuned_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    own_tuned = "diffusers-tuned" in systems and tuned_dtype != dt
+    pristine = copy.deepcopy(parts) if ("diffusers-seed" in systems or own_tuned) else None
+    t0 = time.perf_counter()
+    comps = loading.place(parts, args.model or f"random-{args.arch}", args.arch, dev, dt)
+    engine = Engine(comps, dev, dt)
+    engine.check_finite = weights == "real"  # random weights may overflow; speed does not care
+    from .lora import load_lora
+
+    load_lora(engine, str(lora_file), name="lcm")
+    engine.lcm_lora = "lcm"
+    fuse_time = time.perf_counter() - t0
+    # the prompt cache would skip fewstep's text encoder on repeated runs; diffusers has none, so it is off here
+    report = speed.apply(engine, speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0))
+    compile_time = speed.warmup(engine, width=size, height=size, steps=1) if args.compile else None
+
+    pipes = {}
+    if own_tuned:
+        # a careful user's pipeline: bf16/fp16, the LoRA loaded and fused, SDPA (diffusers' default attention)
+        pipes["diffusers-tuned"] = _pipeline(loading.place(copy.deepcopy(pristine), "tuned", comps.arch, dev,
+                                                           tuned_dtype))
+        pipes["diffusers-tuned"].load_lora_weights(lora)
+        pipes["diffusers-tuned"].fuse_lora()
+        pipes["diffusers-tuned"].tuned_fused = True
+    elif "diffusers-tuned" in systems:
+        # same dtype as fewstep: the tuned pipeline shares fewstep's modules, in which the LoRA is already fused
+        pipes["diffusers-tuned"] = _pipeline(engine.c)
+    if "diffusers-seed" in systems:
+        pipes["diffusers-seed"] = _pipeline(loading.place(pristine, "seed", comps.arch, dev, seed_dtype))
+        pipes["diffusers-seed"].load_lora_weights(lora)  # peft layers, unfused: what the blog's code does
+    rows = []
+    meta = dict(arch=comps.arch, weights=weights, size=size, device=_device_name(dev), commit=_commit(),
+                torch=torch.__version__, fewstep_dtype=str(dt).split(".")[-1], compile=args.compile,
+                decoder=report.get("decoder", "full"), channels_last=report.get("channels_last", False))
+
+    def one(system, mode, batch, timed):
+        lcm = mode == "lcm"
+        steps, guidance = (4, 1.0) if lcm else (args.euler_steps, 7.5)
+        if system == "fewstep":
+            _set_lora(engine, lcm)
+            fn = lambda: engine.generate(PROMPT, sampler="lcm" if lcm else "euler", steps=steps, guidance=guidance,  # noqa
+                                         width=size, height=size, num_images=batch, seed=0)
+            mods = (engine.c.text_encoders, engine.c.unet, engine, "decode_fn")
+        else:
+            pipe = pipes[system]
+            if system == "diffusers-tuned" and not getattr(pipe, "tuned_fused", False):
+                _set_lora(engine, lcm)  # shares fewstep's modules: same weights as fewstep's run of this mode
+            _set_diffusers_mode(pipe, system, lcm, engine)
+            fn = lambda: pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,  # noqa
+                              num_images_per_prompt=batch, generator=torch.Generator().manual_seed(0))
+            mods = (_encoders(pipe), pipe.unet, pipe.vae, "decode")
+        if not timed:
+            fn()
+            return None
+        timer = StageTimer(dev, *mods) if timed == "stages" else None
+        try:
+            with PeakMemory(dev) as mem:
+                t0 = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                total = time.perf_counter() - t0
+        finally:
+            if timer:
+                timer.close()
+        return total, mem.extra, (timer.times if timer else None)
+
+    for batch in batches:
+        for mode in modes:
+            if mode == "euler" and batch > 1:
+                continue
+            for system in systems:  # warm-up
+                one(system, mode, batch, False)
+            totals = {s: [] for s in systems}
+            mems = {s: 0 for s in systems}
+            for _ in range(args.runs):  # alternated, so drift hits every system alike
+                for system in systems:
+                    total, extra, _ = one(system, mode, batch, True)
+                    totals[system].append(total)
+                    mems[system] = max(mems[system], extra)
+            for system in systems:
+                _, _, stages = one(system, mode, batch, "stages")
+                med = statistics.median(totals[system])
+                rows.append(dict(meta, system=system, mode=mode, batch=batch,
+                                 steps=4 if mode == "lcm" else args.euler_steps, guidance=1.0 if mode == "lcm" else 7.5,
+                                 dtype=str(_system_dtype(system, dt, seed_dtype, tuned_dtype)).split(".")[-1],
+                                 seconds=med, runs=totals[system], images_per_s=batch / med,
+                                 peak_extra_bytes=mems[system], text_s=stages["text"],
+                                 unet_step_s=statistics.median(stages["unet"]) if stages["unet"] else None,
+                                 unet_calls=len(stages["unet"]), decode_s=stages["decode"]))
+    for r in rows:
+        ref = {x["system"]: x["seconds"] for x in rows if x["mode"] == r["mode"] and x["batch"] == r["batch"]}
+        r["speedup_vs"] = {s: ref[s] / r["seconds"] for s in ref if s != r["system"]} if r["system"] == "fewstep" else {}
+    extra = dict(lora_load_fuse_s=fuse_time, compile_s=compile_time, lora_tensors=len(lora))
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(rows=rows, **extra), indent=2))
+    if args.json:
+        print(json.dumps(dict(rows=rows, **extra), indent=2))
+    else:
+        print(table(rows, extra))
+    return 0
+
+
+def _random(arch):
+    from .arch import random_components
+
+    return random_components(arch)
+
+
+def _device_name(dev):
+    import platform
+
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def _system_dtype(system, dt, seed_dtype, tuned_dtype):
+    return {"fewstep": dt, "diffusers-seed": seed_dtype, "diffusers-tuned": tuned_dtype}[system]
+
+
+def _encoders(pipe):
+    return [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+
+
+def _pipeline(c):
+    """diffusers' own pipeline over the given components (no safety checker; SDXL pipeline for xl models)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sched = EulerDiscreteScheduler(**{k: v for k, v in c.scheduler_config.items() if not k.startswith("_")})
+    if c.preset.xl:
+        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+                                         tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.unet,
+                                         scheduler=sched)
+    else:
+        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+                                       unet=c.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _set_lora(engine, on):
+    """fewstep: the LCM-LoRA fused for LCM runs, the base weights restored for the standard pipeline."""
+    from .lora import set_lora_weights
+
+    set_lora_weights(engine, {"lcm": 1.0 if on else 0.0})
+
+
+def _set_diffusers_mode(pipe, system, lcm, engine):
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    cls = LCMScheduler if lcm else EulerDiscreteScheduler
+    if not isinstance(pipe.scheduler, cls):
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if system == "diffusers-seed":
+        pipe.enable_lora() if lcm else pipe.disable_lora()
+    elif getattr(pipe, "tuned_fused", False) and getattr(pipe, "tuned_lcm", True) != lcm:
+        # the standard pipeline runs without the LCM-LoRA: unfuse for euler, fuse again for lcm
+        pipe.fuse_lora() if lcm else pipe.unfuse_lora()
+        pipe.tuned_lcm = lcm
+
+
+def table(rows, extra):
+    """A plain-text table of the rows."""
+    head = ("system", "mode", "batch", "dtype", "e2e s", "img/s", "text s", "unet step s", "decode s", "peak+ GiB",
+            "fewstep speedup")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup_vs"].items())
+        lines.append(" | ".join(str(x) for x in (
+            r["system"], f"{r['mode']} {r['steps']}", r["batch"], r["dtype"], f"{r['seconds']:.3f}",
+            f"{r['images_per_s']:.3f}", f"{r['text_s']:.3f}",
+            f"{r['unet_step_s']:.3f}" if r["unet_step_s"] else "-", f"{r['decode_s']:.3f}",
+            f"{r['peak_extra_bytes'] / 2**30:.2f}", sp)))
+    r0 = rows[0] if rows else {}
+    lines.append(f"\n{r0.get('arch')} {r0.get('size')}px, {r0.get('weights')} weights, {r0.get('device')}, torch "
+                 f"{r0.get('torch')}, commit {r0.get('commit')}, decoder {r0.get('decoder')}, compile "
+                 f"{r0.get('compile')}; LCM-LoRA ({extra['lora_tensors']} tensors) load+fuse "
+                 f"{extra['lora_load_fuse_s']:.2f}s" + (f", compile+warm-up {extra['compile_s']:.1f}s"
+                                                       if extra["compile_s"] else ""))
+    return "\n".join(lines)

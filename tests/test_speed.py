@@ -1,0 +1,87 @@
+"""The fast path keeps images where they were; the bench command produces its rows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+
+import fewstep
+from fewstep.cli import main
+from fewstep.errors import LoadError
+
+
+def psnr(a, b):
+    err = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+    return 10 * np.log10(255**2 / max(err, 1e-10))
+
+
+LCM = dict(sampler="lcm", steps=2, guidance=1.0, seed=3)
+
+
+def test_channels_last_is_on_by_default_on_cpu_and_changes_nothing(models):
+    fast = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
+    plain = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False, channels_last=False)
+    conv = fast.c.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert psnr(fast.generate("a cat", **LCM).images[0], plain.generate("a cat", **LCM).images[0]) > 45
+
+
+def test_prompt_cache_skips_the_text_encoder_and_follows_adapters(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.support.loras import random_lora
+    from tests.support.tiny import tiny_sd
+
+    engine = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
+    calls = []
+    engine.c.text_encoders[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    first = engine.generate("a cat", **LCM)
+    second = engine.generate("a cat", **LCM)
+    assert len(calls) == 1
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    save_file(random_lora(tiny_sd()["unet"]), str(tmp_path / "l.safetensors"))
+    engine.load_lora(str(tmp_path / "l.safetensors"), name="l", weight=0.5)
+    engine.generate("a cat", **LCM)
+    assert len(calls) == 2  # another adapter set: encoded again (a LoRA may touch the text encoder)
+
+
+def test_tiny_decoder_from_a_local_folder(models, tmp_path):
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    engine = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False, vae=str(tmp_path / "taesd"))
+    assert isinstance(engine.decoder, AutoencoderTiny)
+    calls = []
+    engine.decoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    engine.decoder.decoder.register_forward_pre_hook(lambda *a: calls.append(2))
+    image = engine.generate("a cat", **LCM).images[0]
+    assert image.size == (64, 64) and 2 in calls
+    with pytest.raises(LoadError, match="tiny decoder .* not found|not in the local Hugging Face cache"):
+        fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False, vae="/no/such/taesd")
+
+
+def test_offload_is_for_gpus():
+    with pytest.raises(LoadError, match="offload"):
+        fewstep.load(device="cpu", lcm=False, offload=True)
+
+
+@pytest.mark.slow
+def test_compiled_engine_stays_close_to_eager(models):
+    eager = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
+    compiled = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False, compile=True)
+    assert psnr(eager.generate("a cat", **LCM).images[0], compiled.generate("a cat", **LCM).images[0]) > 40
+
+
+def test_bench_rows(models, capsys):
+    code = main(["bench", "--model", str(models("sd")), "--size", "32", "--runs", "1", "--modes", "lcm",
+                 "--systems", "fewstep,diffusers-tuned", "--json", "--dtype", "fp32"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["system"]: r for r in data["rows"]}
+    assert set(rows) == {"fewstep", "diffusers-tuned"}
+    for r in rows.values():
+        assert r["unet_calls"] == 4 and r["seconds"] > 0 and r["decode_s"] > 0 and r["text_s"] > 0
+        assert r["weights"] == "real" and r["size"] == 32 and r["commit"]
+    assert rows["fewstep"]["speedup_vs"]["diffusers-tuned"] > 0
