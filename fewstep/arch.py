@@ -27,6 +27,8 @@ SDXL_BLOCKS = (320, 640, 1280)
 def detect(unet_config):
     """Preset name for a diffusers UNet config (real sizes or tiny models of the same layout)."""
     c = unet_config
+    if c.get("addition_embed_type") == "text" and c.get("cross_attention_dim") == 64:
+        return "shapes"  # the shapes teacher: pooled-text embedding, 64-wide text encoder
     if c.get("addition_embed_type") == "text_time":
         layers = c.get("transformer_layers_per_block")
         if tuple(c.get("block_out_channels", ())) == SDXL_BLOCKS and layers not in (None, [1, 2, 10], (1, 2, 10)):

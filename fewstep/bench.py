@@ -205,15 +205,15 @@ def run_bench(args):
     if own_tuned:
         # a careful user's pipeline: bf16/fp16, the LoRA loaded and fused, SDPA (diffusers' default attention)
         pipes["diffusers-tuned"] = _pipeline(loading.place(copy.deepcopy(pristine), "tuned", comps.arch, dev,
-                                                           tuned_dtype))
+                                                           tuned_dtype), tuned_dtype)
         pipes["diffusers-tuned"].load_lora_weights(lora)
         pipes["diffusers-tuned"].fuse_lora()
         pipes["diffusers-tuned"].tuned_fused = True
     elif "diffusers-tuned" in systems:
         # same dtype as fewstep: the tuned pipeline shares fewstep's modules, in which the LoRA is already fused
-        pipes["diffusers-tuned"] = _pipeline(engine.c)
+        pipes["diffusers-tuned"] = _pipeline(engine.c, tuned_dtype)
     if "diffusers-seed" in systems:
-        pipes["diffusers-seed"] = _pipeline(loading.place(pristine, "seed", comps.arch, dev, seed_dtype))
+        pipes["diffusers-seed"] = _pipeline(loading.place(pristine, "seed", comps.arch, dev, seed_dtype), seed_dtype)
         pipes["diffusers-seed"].load_lora_weights(lora)  # peft layers, unfused: what the blog's code does
     rows = []
     meta = dict(arch=comps.arch, weights=weights, size=size, device=_device_name(dev), commit=_commit(),
@@ -312,17 +312,25 @@ def _encoders(pipe):
     return [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
 
 
-def _pipeline(c):
-    """diffusers' own pipeline over the given components (no safety checker; SDXL pipeline for xl models)."""
+def _pipeline(c, dtype):
+    """diffusers' own pipeline over the given components (no safety checker; SDXL pipeline for xl models).
+
+    Its VAE is in the pipeline's dtype, as from_pretrained(torch_dtype=...) gives it (the SDXL pipeline upcasts
+    for decoding itself); a VAE fewstep keeps in another dtype is copied.
+    """
+    import copy
+
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    vae = c.vae if c.vae.dtype == dtype else copy.deepcopy(c.vae).to(dtype)
 
     sched = EulerDiscreteScheduler(**{k: v for k, v in c.scheduler_config.items() if not k.startswith("_")})
     if c.preset.xl:
-        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
                                          tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.unet,
                                          scheduler=sched)
     else:
-        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
                                        unet=c.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

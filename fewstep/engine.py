@@ -76,16 +76,25 @@ class Engine:
         """The sampler, steps and guidance this engine uses when a request leaves them out."""
         if self.full_lcm:
             return dict(sampler="lcm", steps=4, guidance=8.5)
-        if self.few_step or self.c.arch == "shapes":
+        if self.few_step:
             return dict(sampler="lcm", steps=4, guidance=1.0)
+        if self.c.arch == "shapes":
+            from .default_model import TEACHER_DEFAULTS
+
+            return dict(TEACHER_DEFAULTS)
         return dict(sampler="euler", steps=25, guidance=7.5)
 
     # ---- adapters ---------------------------------------------------------------------------------------------
-    def load_lora(self, src, *, name=None, weight=1.0, allow_pickle=False, weight_name=None):
-        """Fuse a LoRA (file, folder or hub id) into the weights; returns its LoraReport."""
+    def load_lora(self, src, *, name=None, weight=1.0, allow_pickle=False, weight_name=None, lcm=False,
+                  min_match=None):
+        """Fuse a LoRA (file, folder or hub id) into the weights; returns its LoraReport.
+
+        lcm=True marks it as the LCM-LoRA (few-step defaults); min_match: the fraction of its tensors that must match.
+        """
         from .lora import load_lora
 
-        return load_lora(self, src, name=name, weight=weight, allow_pickle=allow_pickle, weight_name=weight_name)
+        return load_lora(self, src, name=name, weight=weight, allow_pickle=allow_pickle, weight_name=weight_name,
+                         lcm=lcm, min_match=min_match)
 
     def set_lora_weights(self, weights):
         """{name: weight} for loaded LoRAs; only the tensors they touch are re-fused."""
@@ -144,7 +153,7 @@ class Engine:
         if not self.full_lcm and req.sampler in ("lcm", "tcd") and req.guidance > LCM_BURN_GUIDANCE:
             warnings.append(f"guidance {req.guidance} with the {req.sampler} sampler usually burns images "
                             f"(LCM-LoRAs want 1-{LCM_BURN_GUIDANCE:g})")
-        if req.sampler in ("lcm", "tcd") and not self.few_step and self.c.arch != "shapes":
+        if req.sampler in ("lcm", "tcd") and not self.few_step:
             warnings.append(f"the {req.sampler} sampler on a model with no LCM-LoRA attached gives poor images "
                             "(attach one with lcm=True, or use the euler sampler)")
         return req, warnings
@@ -264,7 +273,9 @@ class Engine:
     def encode_prompts(self, prompts):
         """Text embeddings, cached per prompt and adapter set (a text-encoder LoRA changes them)."""
         c = self.c
-        key = (tuple(prompts), tuple(sorted((n, s.weight) for n, s in self.loras.items())))
+        from .lora import text_signature
+
+        key = (tuple(prompts), text_signature(self))
         hit = self._prompt_cache.get(key)
         if hit is not None:
             self._prompt_cache.move_to_end(key)

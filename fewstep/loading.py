@@ -199,8 +199,12 @@ def place(parts, source, name, device, dtype):
     """Components moved to the device in the dtype; the VAE kept in a dtype that does not overflow."""
     unet, vae = parts["unet"], parts["vae"]
     unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    # The SDXL VAE overflows in fp16 (black or NaN images); decode it in fp32 unless its config says it is safe.
-    vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
+    # The SDXL VAE overflows in fp16 (black or NaN images): decode it in bf16 where the device has it (fp32's range,
+    # half the cost), else fp32, unless its config says fp16 is safe (an fp16-fixed VAE has force_upcast false).
+    vae_dtype = dtype
+    if dtype == torch.float16 and arch.PRESETS[parts["arch"]].xl and vae.config.get("force_upcast", False):
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        vae_dtype = torch.bfloat16 if bf16_ok else torch.float32
     vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
     for enc in parts["text_encoders"]:
         enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -218,26 +222,26 @@ def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pic
     if dev.type == "cpu" and dt == torch.float16:
         raise LoadError("fp16 on the CPU is very slow and unsupported by many kernels: use bf16 or fp32")
     if source is None:
-        from .default_model import default_model_path
+        from .default_model import NAME, default_model_path
 
-        path, name = default_model_path(), "fewstep-default"
+        path, name = default_model_path(), NAME
     else:
         path, name = source, Path(str(source)).name if Path(str(source)).exists() else str(source)
     parts = read_components(path, allow_pickle=allow_pickle, dtype=dt)
-    if source is None:
-        parts["arch"] = "shapes"
     engine = Engine(place(parts, path, name, torch.device("cpu") if settings.offload else dev, dt), dev, dt)
-    if source is None:
-        from .default_model import UNTRAINED_NOTE
-
-        engine.c.notes.append(UNTRAINED_NOTE)
     if lcm and not engine.full_lcm:
         src = engine.c.preset.lcm_lora if lcm is True else lcm
-        if src is None:
-            if engine.arch != "shapes":  # the default model's own LCM-LoRA ships with the shapes world
-                raise LoadError(f"there is no published LCM-LoRA for {engine.c.preset.title} models: pass a local one "
-                                "with --lcm PATH, or --no-lcm for the standard pipeline")
-        else:
+        if src is None and engine.arch == "shapes":
+            from .default_model import default_lcm_lora
+
+            src = default_lcm_lora()
+            if src is None:
+                engine.c.notes.append("the shapes model's LCM-LoRA is not installed: using the teacher's own "
+                                      "sampler (Euler, 25 steps, guidance 4)")
+        elif src is None:
+            raise LoadError(f"there is no published LCM-LoRA for {engine.c.preset.title} models: pass a local one "
+                            "with --lcm PATH, or --no-lcm for the standard pipeline")
+        if src is not None:
             from .lora import load_lora
 
             load_lora(engine, src, name="lcm", weight=1.0, allow_pickle=allow_pickle)

@@ -29,15 +29,19 @@ def run_json(capsys, *argv):
 
 
 def test_default_model_generates_with_metadata(capsys, tmp_path):
-    data, err = run_json(capsys, "a red circle", "--out", tmp_path, "--seed", 7, "--dtype", "fp32")
-    assert "untrained" in err  # the default model says its weights are random
+    from fewstep.worlds import shapes
+
+    caption = "a red circle in the top left on a blue background"
+    data, err = run_json(capsys, caption, "--out", tmp_path, "--seed", 7, "--dtype", "fp32")
     (image,) = data["images"]
-    assert image["seed"] == 7 and image["steps"] == 4 and data["sampler"] == "lcm"
-    assert set(data["timings"][0]) >= {"text", "steps", "decode", "total"} and len(data["timings"][0]["steps"]) == 4
+    assert data["model"] == "shapes-teacher-v1" and data["arch"] == "shapes"
+    assert image["seed"] == 7 and image["steps"] == data["timings"][0]["steps_run"]
+    assert set(data["timings"][0]) >= {"text", "steps", "decode", "total"}
     png = Image.open(image["path"])
     params = read_parameters(png.text["parameters"])
-    assert params["prompt"] == "a red circle" and params["Seed"] == "7" and params["Steps"] == "4"
-    assert params["Sampler"] == "LCM" and params["Size"] == "64x64" and params["CFG scale"] == "1"
+    assert params["prompt"] == caption and params["Seed"] == "7" and params["Steps"] == str(image["steps"])
+    assert params["Size"] == "64x64" and params["Model"] == "shapes-teacher-v1"
+    assert shapes.detect(png) == shapes.parse_caption(caption)  # the shipped model draws what it is asked
 
 
 def test_same_seed_same_image_and_random_seed_is_reported(capsys, tmp_path):
@@ -68,16 +72,16 @@ def test_num_images_seeds_size_sampler_timesteps(capsys, tmp_path):
 def test_img2img_reports_the_steps_run(capsys, tmp_path):
     Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(tmp_path / "in.png")
     data, _ = run_json(capsys, "a cat", "--init-image", tmp_path / "in.png", "--strength", 0.5, "--steps", 4,
-                       "--out", tmp_path)
+                       "--sampler", "lcm", "--out", tmp_path)
     assert data["images"][0]["timesteps"] == [499, 379, 259, 139]
     params = read_parameters(Image.open(data["images"][0]["path"]).text["parameters"])
     assert params["Denoising strength"] == "0.5"
 
 
 def test_guidance_warnings(capsys, tmp_path):
-    _, err = run_json(capsys, "a cat", "--negative", "blurry", "--out", tmp_path)
+    _, err = run_json(capsys, "a cat", "--negative", "blurry", "--guidance", 1, "--out", tmp_path, "--steps", 2)
     assert "negative prompt is ignored" in err
-    _, err = run_json(capsys, "a cat", "--guidance", 3, "--out", tmp_path)
+    _, err = run_json(capsys, "a cat", "--sampler", "lcm", "--guidance", 3, "--out", tmp_path)
     assert "burns" in err
 
 
@@ -102,7 +106,7 @@ def test_parse_lora_keeps_paths_with_colons():
 ERRORS = [
     (["--model", "/no/such/model"], "not found"),
     (["--width", 66], "not a multiple of 4"),
-    (["--steps", 51], "more than"),
+    (["--steps", 51, "--sampler", "lcm"], "more than"),
     (["--steps", "x-y"], "--steps takes"),
     (["--strength", 0.5], "only applies with --init-image"),
     (["--guidance", -1], "guidance must be >= 0"),
