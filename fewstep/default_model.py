@@ -1,7 +1,7 @@
-"""The embedded default model: the shapes world's teacher, trained by fewstep/worlds/shapes/train_teacher.py.
+"""The embedded default model: the shapes world's teacher and its LCM-LoRA, both trained by fewstep.
 
-It ships as package data (a diffusers folder, fp16 weights) so that `fewstep generate` works offline on a fresh
-machine; fewstep/worlds/shapes/runs/teacher-v1/ holds its training log and the command that reproduces it.
+They ship as package data (a diffusers folder with fp16 weights, and a kohya-layout LoRA) so that `fewstep generate`
+works offline on a fresh machine in 4 steps; fewstep/worlds/shapes/runs/ holds their training logs and commands.
 """
 
 from pathlib import Path

@@ -10,7 +10,7 @@ from fewstep.worlds import shapes
 
 
 def test_default_model_matches_diffusers():
-    engine = fewstep.load(device="cpu", dtype="fp32")
+    engine = fewstep.load(device="cpu", dtype="fp32", lcm=False)  # the teacher alone, as diffusers loads it
     assert engine.arch == "shapes"
     caption = "a green triangle in the center on a white background"
     ours = engine.generate(caption, sampler="euler", steps=10, guidance=4.0, seed=3).images[0]
@@ -22,10 +22,12 @@ def test_default_model_matches_diffusers():
     assert np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).max() <= 2
 
 
-def test_default_model_draws_a_fixed_prompt_set_mostly_right():
-    # a regression guard on the shipped weights, not the quality claim (that is `fewstep eval shapes`)
+def test_default_model_draws_a_fixed_prompt_set_mostly_right_in_4_steps():
+    # a regression guard on the shipped weights (teacher + its LCM-LoRA), not the quality claim
     engine = fewstep.load(device="cpu")
+    assert engine.lcm_lora == "lcm" and engine.defaults() == dict(sampler="lcm", steps=4, guidance=1.0)
     attrs = shapes.sample_attributes(11, 8)
     result = engine.generate([a.caption for a in attrs], seeds=list(range(8)))
+    assert result.steps_run == 4
     right = sum(shapes.detect(im) == a for im, a in zip(result.images, attrs))
     assert right >= 7, f"{right}/8 images have all four attributes right"
