@@ -65,6 +65,7 @@ def build_parser():
                    help="no LCM-LoRA: the standard pipeline (euler, 25 steps, guidance 7.5)")
     g.add_argument("--lora", action="append", default=[], metavar="SRC[:WEIGHT]",
                    help="a LoRA file, folder or hub id with an optional weight (repeatable)")
+    g.add_argument("--lora-dir", help="folder that <lora:NAME:WEIGHT> tags in the prompt resolve against")
     g.add_argument("--sampler", choices=["lcm", "tcd", "euler"])
     g.add_argument("--steps", help="number of steps, or a range like 1-8 (one image per count, and a grid)")
     g.add_argument("--timesteps", help="custom LCM/TCD timesteps, e.g. 999,759,499,259")
@@ -127,9 +128,11 @@ def cmd_generate(args):
         raise RequestError("give --steps or --timesteps, not both")
     if args.init_image is None and args.strength is not None:
         raise RequestError("--strength only applies with --init-image")
-    loras = [parse_lora(s) for s in args.lora]
+    from .lora.prompt import adapters_for
+
+    prompt, loras = adapters_for(args.prompt, [parse_lora(s) for s in args.lora], args.lora_dir)
     # check the request before the (slow) load: invalid input costs nothing
-    base = dict(prompt=args.prompt, negative_prompt=args.negative, guidance=args.guidance, seed=args.seed,
+    base = dict(prompt=prompt, negative_prompt=args.negative, guidance=args.guidance, seed=args.seed,
                 sampler=args.sampler, timesteps=timesteps, width=args.width, height=args.height,
                 num_images=args.num_images, strength=args.strength, gamma=args.gamma)
     GenerateRequest(**base, init_image=args.init_image)
@@ -146,8 +149,8 @@ def cmd_generate(args):
         log.warning(note)
     if engine.lcm_lora and args.verbose:
         log.info(engine.loras[engine.lcm_lora].report.summary())
-    for src, weight in loras:
-        report = engine.load_lora(src, weight=weight, allow_pickle=args.allow_pickle)
+    for src, weight, name in loras:
+        report = engine.load_lora(src, name=name, weight=weight, allow_pickle=args.allow_pickle)
         if args.verbose:
             log.info(report.summary())
 

@@ -1,20 +1,28 @@
-"""Fuse LoRAs into the model weights (no per-step cost) and restore the base weights bit-exactly."""
+"""Adapters on an engine: read and check a LoRA, fuse it (fuse.py), change weights, unload; all or nothing."""
 
+import logging
+import math
 import os
+import time
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 
 import torch
 
-from ..errors import LoadError
-from .formats import normalize
+from ..errors import LoadError, RequestError
+from . import fuse as fusing
+from .formats import LAYOUTS, check_shapes, conflict, guess_arch, model_arch, module_index, peft_alphas, plan, scale_of
 
-MIN_MATCH = 0.9  # a file whose keys match less than this fraction is refused, not applied partly
+log = logging.getLogger("fewstep")
+
+MIN_MATCH = 0.9  # a file whose tensors match less than this fraction is refused, not applied partly
+_uid = count()
 
 
 @dataclass
 class LoraReport:
-    """What loading a LoRA did: counts per component and the keys that matched nothing."""
+    """What loading a LoRA did: format, counts per component, the keys that matched nothing, and timings."""
 
     name: str
     source: str
@@ -22,33 +30,122 @@ class LoraReport:
     tensors: int
     components: dict
     unmatched: list = field(default_factory=list)
+    format: str = ""
+    arch: str = ""
+    ranks: list = field(default_factory=list)
+    alphas: list = field(default_factory=list)
+    dtype: str = ""
+    seconds: dict = field(default_factory=dict)  # read (plan + tensors), fuse
 
     def summary(self):
         parts = ", ".join(f"{n} in {c}" for c, n in sorted(self.components.items()))
-        s = f"LoRA {self.name}: {self.tensors} tensors applied to {self.modules} modules ({parts})"
+        ranks = "/".join(str(r) for r in self.ranks)
+        s = (f"LoRA {self.name}: {self.format}, {self.arch}, rank {ranks}, {self.dtype}: {self.tensors} tensors "
+             f"applied to {self.modules} modules ({parts})")
+        if self.seconds:
+            s += f" in {sum(self.seconds.values()):.2f}s"
         if self.unmatched:
             s += f"; {len(self.unmatched)} keys matched nothing, e.g. {self.unmatched[:3]}"
         return s
 
+    def as_dict(self):
+        return {k: getattr(self, k) for k in ("name", "source", "format", "arch", "modules", "tensors", "components",
+                                              "ranks", "alphas", "dtype", "unmatched", "seconds")}
+
+
+@dataclass
+class Factors:
+    """One target's low-rank pair, ready for the GEMM (2-d, the weight's compute dtype and device); scale = alpha/rank."""
+
+    down: torch.Tensor  # (rank, in * kh * kw)
+    up: torch.Tensor  # (out, rank)
+    scale: float
+    alpha: float | None
+
+    @property
+    def rank(self):
+        return self.down.shape[0]
+
 
 @dataclass
 class LoraState:
+    """A loaded adapter: its factors per (component, module path), its weight, and the report of its loading."""
+
     name: str
     source: str
     weight: float
-    deltas: dict  # (component, module path) -> (down, up, scale), on CPU in the file's dtype
+    factors: dict
     report: LoraReport
+    lcm: bool = False
+    uid: int = field(default_factory=lambda: next(_uid))
+
+    @property
+    def deltas(self):  # the name older code used
+        return self.factors
+
+    @property
+    def touches_text(self):
+        return any(component != "unet" for component, _ in self.factors)
 
 
-def read_lora(src, *, allow_pickle=False, weight_name=None):
-    """The LoRA state dict from a file, a folder or a hub id (weight_name picks a file in a folder or repo)."""
-    from safetensors.torch import load_file
+def text_signature(engine):
+    """What prompt embeddings may depend on: the active adapters, by load identity (not name) and weight.
 
+    A file reloaded under the same name is a new identity, so it never meets embeddings cached for the old one.
+    (UNet-only adapters, s.touches_text False, could be left out for more cache hits; kept in, conservatively.)
+    """
+    return tuple(sorted((s.uid, s.weight) for s in engine.loras.values() if s.weight != 0))
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+class LoraSource:
+    """A LoRA's tensor names, header shapes and metadata; tensors are read only when asked for."""
+
+    def __init__(self, label, shapes, metadata=None, path=None, tensors=None):
+        self.label, self.shapes, self.metadata, self.path, self._tensors = label, shapes, metadata or {}, path, tensors
+
+    @property
+    def keys(self):
+        return list(self.shapes)
+
+    def read(self, keys, device):
+        """{key: tensor} on the device; safetensors files are read straight to it, key by key."""
+        if self._tensors is not None:
+            return {k: self._tensors[k].to(device) for k in keys}
+        from safetensors import safe_open
+
+        dev = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
+        try:
+            with safe_open(str(self.path), framework="pt", device=dev) as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except Exception as e:  # noqa: BLE001 - a file can change or break between planning and reading
+            raise LoadError(f"cannot read LoRA {self.label}: {str(e).splitlines()[0]}") from None
+
+    def state_dict(self):
+        return self.read(self.keys, torch.device("cpu"))
+
+    def dtypes(self):
+        """The tensors' dtypes as safetensors names them (F16, BF16, F32...)."""
+        if self._tensors is not None:
+            names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+            return {names.get(t.dtype, str(t.dtype)) for t in self._tensors.values()}
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    def relabel(self, label):
+        self.label = label
+        return self
+
+
+def lora_path(src, weight_name=None):
+    """The file of a LoRA given as a file, a folder or a hub id (weight_name picks a file in a folder or repo)."""
     path = Path(os.path.expanduser(str(src)))
     if not path.exists():
         from ..loading import HUB_ID, hub_snapshot
 
-        if not HUB_ID.match(str(src)):
+        if not HUB_ID.match(str(src)) or str(src).startswith((".", "/", "~")):
             raise LoadError(f"LoRA {src} not found: give a .safetensors file, a folder or a hub id")
         path = hub_snapshot(str(src), patterns=[weight_name or "*.safetensors"])
     if path.is_dir():
@@ -56,143 +153,211 @@ def read_lora(src, *, allow_pickle=False, weight_name=None):
         if len(files) != 1:
             names = ", ".join(f.name for f in sorted(path.glob("*.safetensors"))) or "none"
             raise LoadError(f"{src} holds {len(files)} matching LoRA files (.safetensors: {names}): pick one with "
-                            "weight_name or give the file")
+                            "weight_name (--weight-name) or give the file")
         path = files[0]
+    return path
+
+
+def open_lora(src, *, allow_pickle=False, weight_name=None):
+    """A LoraSource from a file, folder or hub id, or from a {name: tensor} dict; header only for safetensors."""
+    if isinstance(src, dict):
+        tensors = {k: v for k, v in src.items() if isinstance(v, torch.Tensor)}
+        return LoraSource("(state dict)", {k: tuple(v.shape) for k, v in tensors.items()}, tensors=tensors)
+    path = lora_path(src, weight_name)
     if path.suffix != ".safetensors":
         if not allow_pickle:
             raise LoadError(f"{path.name} is a pickle file, which can run code when loaded: pass --allow-pickle "
-                            "(allow_pickle=True) if you trust it")
+                            "(allow_pickle=True) if you trust it, or convert it to .safetensors")
         try:
             sd = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
             raise LoadError(f"cannot read LoRA {path}: {type(e).__name__}") from None
-        return sd.get("state_dict", sd)
+        if not isinstance(sd, dict):
+            raise LoadError(f"LoRA {path} holds a {type(sd).__name__}, not a dict of tensors")
+        return open_lora(sd.get("state_dict", sd)).relabel(str(path))
+    from safetensors import safe_open
+
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            metadata = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise LoadError(f"cannot read LoRA {path}: {str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoadError(f"cannot read LoRA {path}: not a complete .safetensors file ({why}); the download may be "
+                        "truncated") from None
+    return LoraSource(str(path), shapes, metadata, path=path)
 
 
-def module_index(engine):
-    """{component: {kohya flat name: dotted path}} of the Linear/Conv2d modules a LoRA can target."""
+def read_lora(src, *, allow_pickle=False, weight_name=None):
+    """The LoRA state dict (all tensors, on CPU) from a file, a folder or a hub id."""
+    return open_lora(src, allow_pickle=allow_pickle, weight_name=weight_name).state_dict()
+
+
+# ---- the engine's side -----------------------------------------------------------------------------------------
+def components(engine):
+    """{component name: module} a LoRA can target: the UNet and the text encoder(s)."""
     comps = {"unet": engine.c.unet}
     for i, enc in enumerate(engine.c.text_encoders):
         comps["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = enc
-    index = {}
-    for cname, model in comps.items():
-        index[cname] = {n.replace(".", "_"): n for n, m in model.named_modules()
-                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    return comps, index
-
-
-def _delta(down, up, scale, shape):
-    """scale * up @ down, shaped like the target weight (conv LoRAs: 3x3 down, 1x1 up), in float32."""
-    d = (up.float().flatten(1) @ down.float().flatten(1)) * scale
-    if d.numel() != torch.Size(shape).numel():
-        raise ValueError
-    return d.reshape(shape)
-
-
-def load_lora(engine, src, *, name=None, weight=1.0, allow_pickle=False, weight_name=None, min_match=MIN_MATCH):
-    """Read, check and fuse a LoRA into the engine; all or nothing. Returns a LoraReport."""
-    name = name or Path(str(src)).stem
-    if name in engine.loras:
-        raise LoadError(f"a LoRA named {name!r} is already loaded: unload it first or pick another name")
-    sd = read_lora(src, allow_pickle=allow_pickle, weight_name=weight_name)
-    comps, index = module_index(engine)
-    entries, unmatched = normalize(sd, index)
-    title = engine.c.preset.title
-    if not entries:
-        raise LoadError(f"LoRA {src} matches none of this {title} model's modules: it is for another architecture "
-                        "or not a LoRA file")
-    matched = len(sd) - len(unmatched)
-    if matched / len(sd) < min_match:
-        raise LoadError(f"LoRA {src} matches only {matched} of its {len(sd)} tensors in this {title} model (e.g. "
-                        f"{unmatched[:2]}): refusing to apply it partly; is it for another architecture?")
-    deltas, counts = {}, {}
-    for (component, path), (down, up, alpha) in entries.items():
-        module = comps[component].get_submodule(path)
-        rank = down.shape[0]
-        scale = 1.0 if alpha is None else alpha / rank
-        fits = (up.shape[1] == rank and up.shape[0] == module.weight.shape[0]
-                and up.shape[0] * down[0].numel() == module.weight.numel())
-        if not fits:
-            raise LoadError(f"LoRA {src} does not fit this {title} model: {component} {path} has weight "
-                            f"{tuple(module.weight.shape)}, the LoRA gives {(up.shape[0], *down.shape[1:])}; it is "
-                            "probably for another architecture")
-        deltas[(component, path)] = (down, up, scale)
-        counts[component] = counts.get(component, 0) + 1
-    report = LoraReport(name, str(src), len(deltas), matched, counts, unmatched)
-    state = LoraState(name, str(src), float(weight), deltas, report)
-    engine.loras[name] = state
-    try:
-        refuse_nonfinite(state)
-        fuse(engine, set(deltas))
-    except BaseException:
-        del engine.loras[name]
-        fuse(engine, set(deltas))
-        raise
-    return report
-
-
-def refuse_nonfinite(state):
-    for (component, path), (down, up, _) in state.deltas.items():
-        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-            raise LoadError(f"LoRA {state.source} has NaN/inf values at {component} {path}: the file is damaged")
+    return comps
 
 
 def base_weights(engine):
-    if not hasattr(engine, "_base_weights"):
-        engine._base_weights = {}
-    return engine._base_weights
+    """(component, path) -> the saved base copy, for every tensor that holds adapters now."""
+    return fusing.store(engine).saved
 
 
 def fuse(engine, targets):
-    """Set each target weight to base + sum of active LoRAs; the base copy is what makes restore exact."""
-    comps, _ = module_index(engine)
-    saved = base_weights(engine)
-    for component, path in targets:
-        weight = comps[component].get_submodule(path).weight
-        key = (component, path)
-        if key not in saved:
-            saved[key] = weight.detach().to("cpu", copy=True)
-        total = None
-        for state in engine.loras.values():
-            if key in state.deltas and state.weight != 0:
-                down, up, scale = state.deltas[key]
-                d = _delta(down, up, scale * state.weight, weight.shape)
-                total = d if total is None else total + d
-        base = saved[key]
-        with torch.no_grad():
-            if total is None:
-                weight.copy_(base.to(weight.device))
-                del saved[key]
-            else:
-                weight.copy_((base.float() + total).to(weight.device, weight.dtype))
+    fusing.fuse(engine, targets, components(engine))
 
 
+def release_buffers(engine):
+    """Free the spare base-copy buffers kept for reuse after unloading (see fuse.BaseStore)."""
+    fusing.store(engine).release()
+
+
+def _default_name(src):
+    if isinstance(src, dict):
+        raise LoadError("a LoRA given as a state dict needs a name")
+    return Path(str(src).rstrip("/")).stem
+
+
+def load_lora(engine, src, *, name=None, weight=1.0, allow_pickle=False, weight_name=None, min_match=None,
+              lcm=False):
+    """Read, check and fuse a LoRA into the engine; all or nothing. Returns a LoraReport.
+
+    Refused, with the engine unchanged: an unsupported adapter kind, a LoRA for another architecture, one whose
+    tensors match under min_match (default MIN_MATCH) of this model's modules, a shape misfit, NaN/inf values.
+    lcm=True marks it as the engine's LCM-LoRA (few-step defaults).
+    """
+    t0 = time.perf_counter()
+    name = name or _default_name(src)
+    if name in engine.loras:
+        raise LoadError(f"a LoRA named {name!r} is already loaded: unload it first or pick another name")
+    weight = _check_weight(name, weight)
+    source = open_lora(src, allow_pickle=allow_pickle, weight_name=weight_name)
+    label, title = source.label, engine.c.preset.title
+    if not source.shapes:
+        raise LoadError(f"LoRA {label} holds no tensors: the file is empty")
+    comps = components(engine)
+    p = plan(source.keys, module_index(comps))
+    theirs, ours = guess_arch(source.keys, source.shapes), model_arch(engine.c.unet, engine.c.text_encoders)
+    if conflict(theirs, ours):
+        width = f" ({ours.cross}-wide cross-attention)" if theirs.cross and ours.cross != theirs.cross else ""
+        raise LoadError(f"LoRA {label} is for another architecture, {theirs.label}, and this model is {title}{width}: "
+                        f"use a LoRA made for {title}")
+    if not p.groups:
+        raise LoadError(f"LoRA {label} matches none of this {title} model's modules: it is for another architecture "
+                        f"or not a LoRA file (keys like {source.keys[:2]})")
+    min_match = MIN_MATCH if min_match is None else min_match
+    if p.matched_keys / len(source.keys) < min_match:
+        raise LoadError(f"LoRA {label} matches only {p.matched_keys} of its {len(source.keys)} tensors in this {title} "
+                        f"model (e.g. unmatched {p.unmatched[:2]}): refusing to apply it partly; is it for another "
+                        "architecture?")
+    targets = {t: comps[t[0]].get_submodule(t[1]).weight for t in p.groups}
+    misfit = check_shapes(p.groups, source.shapes, {t: w.shape for t, w in targets.items()})
+    if misfit:
+        raise LoadError(f"LoRA {label} does not fit this {title} model: {misfit}; it is for another architecture or "
+                        "a model of another size")
+    # straight onto the weights' device (with offloading that is the host, not engine.device)
+    factors, dtype = _read_factors(source, p, targets, next(iter(targets.values())).device)
+    t1 = time.perf_counter()
+    report = _report(name, label, p, factors, theirs.label if theirs.family or theirs.cross else title, dtype,
+                     locon=any(len(source.shapes[g["down"]]) == 4 and source.shapes[g["down"]][-1] > 1
+                               for g in p.groups.values()))
+    state = LoraState(name, label, weight, factors, report, lcm=lcm)
+    engine.loras[name] = state
+    try:
+        fuse(engine, set(factors))
+    except BaseException:
+        del engine.loras[name]
+        fuse(engine, set(factors))
+        raise
+    if lcm:
+        engine.lcm_lora = name
+    report.seconds = dict(read=round(t1 - t0, 4), fuse=round(time.perf_counter() - t1, 4))
+    if p.unmatched:
+        log.warning("LoRA %s: %d of %d tensors matched nothing in this %s model and were not applied, e.g. %s", name,
+                    len(p.unmatched), len(source.keys), title, p.unmatched[:3])
+    return report
+
+
+def _check_weight(name, weight):
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        w = math.nan
+    if not math.isfinite(w):
+        raise RequestError(f"LoRA {name!r}: the weight must be a finite number, got {weight!r}")
+    return w
+
+
+def _read_factors(source, p, targets, device):
+    """Factors for every planned target, read on the device; NaN/inf refuses the file."""
+    keys = [k for g in p.groups.values() for k in g.values()]
+    tensors = source.read(keys, device)
+    for key, t in tensors.items():
+        # an fp32 sum is far cheaper than isfinite over every element; NaN/inf always reach it (overflow is checked)
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)) and not torch.isfinite(t).all():
+            raise LoadError(f"LoRA {source.label} has NaN/inf values in {key}: the file is damaged")
+    meta = peft_alphas(source.metadata)
+    factors, dtypes = {}, set()
+    for (component, path), g in p.groups.items():
+        down, up = tensors.pop(g["down"]), tensors.pop(g["up"])
+        dtypes.add(str(down.dtype).removeprefix("torch."))
+        alpha = float(tensors[g["alpha"]].float().reshape(())) if "alpha" in g else None
+        scale = scale_of(component, path, down.shape[0], alpha, meta)
+        factors[(component, path)] = Factors(*fusing.prepare(down, up, targets[(component, path)]), scale, alpha)
+    return factors, "/".join(sorted(dtypes))
+
+
+def _report(name, label, p, factors, arch, dtype, locon):
+    counts = {}
+    for component, _ in factors:
+        counts[component] = counts.get(component, 0) + 1
+    fmt = " + ".join(LAYOUTS[k] for k in sorted(p.layouts, key=lambda k: -p.layouts[k])) + (", LoCon" if locon else "")
+    return LoraReport(name, label, len(factors), p.matched_keys, counts, list(p.unmatched), fmt, arch,
+                      sorted({f.rank for f in factors.values()}),
+                      sorted({f.alpha for f in factors.values() if f.alpha is not None}), dtype)
+
+
+# ---- weights and unloading -----------------------------------------------------------------------------------
 def set_lora_weights(engine, weights):
-    """Change adapter weights; only the tensors those adapters touch are re-fused."""
+    """Change adapter weights; only the tensors those adapters touch are re-fused. All or nothing."""
     for name in weights:
         if name not in engine.loras:
             raise LoadError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(engine.loras) or 'none'})")
+    new = {name: _check_weight(name, w) for name, w in weights.items()}
+    old = {name: engine.loras[name].weight for name in new}
     touched = set()
-    for name, w in weights.items():
-        engine.loras[name].weight = float(w)
-        touched |= set(engine.loras[name].deltas)
-    fuse(engine, touched)
+    for name, w in new.items():
+        if w != old[name]:
+            touched |= set(engine.loras[name].factors)
+        engine.loras[name].weight = w
+    try:
+        fuse(engine, touched)
+    except BaseException:
+        for name, w in old.items():
+            engine.loras[name].weight = w
+        fuse(engine, touched)
+        raise
 
 
 def unload_lora(engine, name):
-    """Remove one adapter; its tensors get back their base values (bit-exact when no other adapter touches them)."""
+    """Remove one adapter; the tensors it touched get base + the other adapters, from the saved base (exact)."""
     if name not in engine.loras:
         raise LoadError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(engine.loras) or 'none'})")
     state = engine.loras.pop(name)
     if engine.lcm_lora == name:
         engine.lcm_lora = None
-    fuse(engine, set(state.deltas))
+    fuse(engine, set(state.factors))
 
 
 def unload_loras(engine):
-    for name in list(engine.loras):
-        unload_lora(engine, name)
+    """Remove every adapter; every touched tensor gets its base value back, bit for bit."""
+    touched = set()
+    for state in engine.loras.values():
+        touched |= set(state.factors)
+    engine.loras.clear()
+    engine.lcm_lora = None
+    fuse(engine, touched)

@@ -35,3 +35,26 @@ def resolve(name, lora_dir):
             return path
     available = ", ".join(sorted(p.stem for p in root.glob("*.safetensors"))) or "none"
     raise RequestError(f"no LoRA named {name!r} in {root} (available: {available})")
+
+
+def adapters_for(prompt, loras, lora_dir=None):
+    """(prompt without tags, [(src, weight, name)]) from --lora (src, weight) pairs and the prompt's tags.
+
+    Tags resolve inside lora_dir (or $FEWSTEP_LORA_DIR); the same adapter named twice adds up its weights.
+    """
+    import os
+
+    cleaned, tags = split_tags(prompt)
+    lora_dir = lora_dir or os.environ.get("FEWSTEP_LORA_DIR") or None
+    found = {}  # name -> [src, weight, identity]
+    pairs = [(src, w, Path(str(src).rstrip("/")).stem) for src, w in loras]
+    pairs += [(resolve(name, lora_dir), w, name) for name, w in tags.items()]
+    for src, weight, name in pairs:
+        identity = str(Path(src).expanduser().resolve()) if Path(str(src)).expanduser().exists() else str(src)
+        if name in found:
+            if found[name][2] != identity:
+                raise RequestError(f"two different LoRAs are named {name!r} ({found[name][0]} and {src}): rename one")
+            found[name][1] += weight
+        else:
+            found[name] = [str(src), float(weight), identity]
+    return cleaned, [(src, weight, name) for name, (src, weight, _) in found.items()]
