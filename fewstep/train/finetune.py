@@ -1,0 +1,52 @@
+"""Text-to-image LoRA fine-tuning with the noise-prediction loss (DDPM, Ho et al. 2020): style LoRAs that combine
+with an LCM-LoRA at sampling time (theta = base + l1 * tau_style + l2 * tau_LCM)."""
+
+import torch
+
+from . import consistency as cm
+from .method import Method
+from .models import DTYPES, lora_student, save_lora
+
+
+def prediction_target(prediction_type, x0, noise, alpha):
+    """What the UNet is trained to output: the noise, or v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)."""
+    if prediction_type == "v_prediction":
+        a = cm.per_sample(alpha, x0.ndim)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    return noise
+
+
+class LoraFinetune(Method):
+    """A LoRA on the base UNet trained to predict the noise (or v) the model was trained to predict."""
+
+    def __init__(self, cfg, models, device, weight_dtype, autocast):
+        super().__init__(cfg, models, device, weight_dtype, autocast)
+        self.student = lora_student(models.unet, cfg, device, weight_dtype)
+
+    def draw(self, gen, n):
+        return dict(
+            vae=self.latent_noise(gen, n),
+            t=torch.randint(0, self.noise.num_train_timesteps, (n,), generator=gen),
+            noise=self.latent_noise(gen, n),
+        )
+
+    def loss(self, student, batch, d):
+        dev = self.device
+        x0 = self.latents(batch.pixels, d["vae"])
+        states, added = self.conditioning(batch)
+        t, noise = d["t"].to(dev), d["noise"].to(dev)
+        a = self.alphas[t]
+        x = cm.add_noise(x0, noise, a)
+        out = self.unet(student, x, t, states, added)
+        target = prediction_target(self.noise.prediction_type, x0, noise, a)
+        err = ((out - target) ** 2).mean(dim=(1, 2, 3))
+        if self.cfg.snr_gamma:
+            # min-SNR weighting (Hang et al. 2023): min(snr, gamma) / snr for eps, / (snr + 1) for v
+            snr = a / (1 - a)
+            weight = snr.clamp(max=self.cfg.snr_gamma)
+            weight = weight / (snr + 1) if self.noise.prediction_type == "v_prediction" else weight / snr
+            err = err * weight
+        return err.mean()
+
+    def export(self, out, metadata):
+        return save_lora(self.student, out, dtype=DTYPES[self.cfg.save_dtype], metadata=metadata)

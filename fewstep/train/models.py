@@ -1,0 +1,214 @@
+"""The networks a training run holds: the teacher / base model read through fewstep.loading, the LoRA attached with
+peft (diffusers' own adapter integration), and the exports: kohya-layout LoRA files and diffusers model folders."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import arch as archs
+from ..loading import read_components
+from ..schedules import noise_schedule
+from .config import TrainError
+
+DTYPES = {"no": torch.float32, None: torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+          "bf16": torch.bfloat16}
+
+
+@dataclass
+class Models:
+    """The frozen parts of a model and its UNet (still float32 on the CPU until a method places it)."""
+
+    arch: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    scheduler_config: dict
+    force_zeros_for_empty_prompt: bool
+    source: str
+
+    @property
+    def preset(self):
+        return archs.PRESETS[self.arch]
+
+    @property
+    def noise(self):
+        return noise_schedule(self.scheduler_config)
+
+    @property
+    def vae_factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self):
+        return self.unet.config.sample_size * self.vae_factor
+
+    @property
+    def added_conditions(self):
+        """True when the UNet takes SDXL's pooled text and size/crop ids."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+
+def load_models(source, *, allow_pickle=False, vae=None):
+    """Models of a diffusers folder, single-file checkpoint or hub id, in float32 on the CPU."""
+    parts = read_components(source, allow_pickle=allow_pickle, dtype=torch.float32)
+    if vae is not None:
+        parts["vae"] = load_vae(vae)
+    return Models(parts["arch"], parts["unet"], parts["vae"], parts["text_encoders"], parts["tokenizers"],
+                  parts["scheduler_config"], parts.get("force_zeros_for_empty_prompt", False), str(source))
+
+
+def load_vae(source):
+    """An AutoencoderKL from a VAE folder (config.json + weights), a model folder's vae/ or a hub id."""
+    from diffusers import AutoencoderKL
+
+    from ..loading import HUB_ID, hub_snapshot
+
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        if not HUB_ID.match(str(source)):
+            raise TrainError(f"--vae {source}: not found (give a VAE folder or a hub id)")
+        path = hub_snapshot(str(source), patterns=["*.json", "*.safetensors"])
+    sub = "vae" if (path / "vae" / "config.json").is_file() else None
+    try:
+        return AutoencoderKL.from_pretrained(str(path), subfolder=sub, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"--vae {source}: cannot load an AutoencoderKL ({str(e).splitlines()[0]})") from None
+
+
+def place_frozen(models, device, weight_dtype, *, custom_vae=False):
+    """Text encoders and VAE on the device, frozen, in the compute dtype; a VAE that overflows in fp16 (SDXL's,
+    force_upcast) stays float32 unless a fixed VAE was given (--vae madebyollin/sdxl-vae-fp16-fix)."""
+    for enc in models.text_encoders:
+        enc.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
+    vae_dtype = weight_dtype
+    if weight_dtype == torch.float16 and models.vae.config.get("force_upcast", False) and not custom_vae:
+        vae_dtype = torch.float32
+    models.vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------
+def add_lora(unet, *, rank, alpha, targets):
+    """Attach a trainable LoRA (peft) to the UNet's target modules; A random, B zero, so training starts at the
+    base model. Returns the number of adapted modules."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        raise TrainError("training a LoRA needs peft: pip install 'fewstep[train]'") from None
+
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True))
+    except ValueError as e:
+        raise TrainError(f"--targets {','.join(targets)}: {str(e).splitlines()[0]}") from None
+    n = sum(isinstance(m, LoraLayer) for m in unet.modules())
+    # the adapter trains in float32 whatever the frozen weights' dtype (mixed precision keeps fp32 masters)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return n
+
+
+class adapters_disabled:
+    """Context: the UNet as the teacher (its LoRA off). peft's toggle also flips requires_grad, so this is used
+    only for no-grad passes that run before the student's forward."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __enter__(self):
+        self.unet.disable_adapters()
+
+    def __exit__(self, *exc):
+        self.unet.enable_adapters()
+
+
+def kohya_lora(unet, dtype=torch.float16):
+    """The UNet's LoRA as a kohya-layout state dict with diffusers block names, the layout of the published
+    LCM-LoRAs: lora_unet_<path with _>.lora_down.weight / .lora_up.weight / .alpha."""
+    from peft.tuners.lora import LoraLayer
+
+    sd = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = module.lora_A["default"].weight.detach().to("cpu", dtype).contiguous()
+        sd[f"{key}.lora_up.weight"] = module.lora_B["default"].weight.detach().to("cpu", dtype).contiguous()
+        sd[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha["default"]), dtype=dtype)
+    return sd
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
+
+
+def lora_student(unet, cfg, device, weight_dtype):
+    """The UNet, frozen in the compute dtype, with a trainable float32 LoRA (cfg's rank, alpha and targets)."""
+    unet.to(device=device, dtype=weight_dtype)
+    add_lora(unet, rank=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.target_modules())
+    return unet.train()
+
+
+def save_lora(unet, folder, *, dtype, metadata):
+    """Write folder/pytorch_lora_weights.safetensors (via a temporary name: never a half-written file)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / LORA_FILE
+    tmp = path.with_name(f".{path.name}.part")
+    save_file(kohya_lora(unet, dtype), str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    tmp.replace(path)
+    return path
+
+
+# ---- full LCM student ---------------------------------------------------------------------------------------
+def lcm_student(teacher_unet, time_cond_proj_dim):
+    """A copy of the teacher UNet that also takes the guidance embedding (timestep_cond), starting equal to it.
+
+    diffusers' script leaves the new cond_proj layer at its random init; zeroing it makes the student start
+    exactly at the teacher, and the layer still learns (its gradient is the embedding times the upstream one).
+    """
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise TrainError(f"the teacher UNet does not fit its own config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.zero_()
+    return student
+
+
+@torch.no_grad()
+def ema_update(target, source, decay):
+    """target <- decay * target + (1 - decay) * source, parameter by parameter (LCM's target network)."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
+
+
+def save_pipeline(models, unet, out, *, dtype):
+    """A diffusers folder with the LCM UNet and the LCMScheduler: LatentConsistencyModelPipeline for SD 1.x/2.x,
+    StableDiffusionXLPipeline for SDXL-type models (as latent-consistency/lcm-sdxl is published)."""
+    import inspect
+
+    from diffusers import LCMScheduler, LatentConsistencyModelPipeline, StableDiffusionXLPipeline
+
+    def cast(m):
+        # in place: this is the run's last use of the networks, and a copy of a large UNet would double memory
+        return m.to("cpu", dtype)
+
+    known = inspect.signature(LCMScheduler.__init__).parameters
+    scheduler = LCMScheduler.from_config({k: v for k, v in models.scheduler_config.items() if k in known})
+    common = dict(vae=cast(models.vae), text_encoder=cast(models.text_encoders[0]), tokenizer=models.tokenizers[0],
+                  unet=cast(unet), scheduler=scheduler)
+    if len(models.text_encoders) > 1:
+        pipe = StableDiffusionXLPipeline(text_encoder_2=cast(models.text_encoders[1]),
+                                         tokenizer_2=models.tokenizers[1],
+                                         force_zeros_for_empty_prompt=models.force_zeros_for_empty_prompt, **common)
+    else:
+        pipe = LatentConsistencyModelPipeline(safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False, **common)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
