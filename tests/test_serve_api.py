@@ -137,11 +137,11 @@ def test_what_clients_ask_first(served):
     c = served.client
     assert c.get("/health").json() == {"status": "ok"}
     models = c.get("/v1/models").json()
-    assert models["object"] == "list" and models["data"][0]["id"] == "fewstep-default"
+    assert models["object"] == "list" and models["data"][0]["id"] == "shapes-teacher-v1"
     assert [s["name"] for s in c.get("/sdapi/v1/samplers").json()] == ["LCM", "TCD", "Euler"]
     assert c.get("/sdapi/v1/loras").json() == [{"name": "style", "alias": "style"}]
-    assert c.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "fewstep-default"
-    assert c.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": "fewstep-default"}
+    assert c.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "shapes-teacher-v1"
+    assert c.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": "shapes-teacher-v1"}
     info = c.get("/api/info").json()
     assert info["native_size"] == 64 and info["size_step"] == 4 and info["loras"] == ["style"]
     assert info["defaults"] == {"sampler": "lcm", "steps": 4, "guidance": 1.0}

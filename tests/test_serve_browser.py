@@ -44,7 +44,7 @@ def test_typing_a_prompt_makes_an_image_appear(browser, lora_dir, tmp_path):
                 else None)
         page.goto(server.url + "/")
         page.wait_for_selector("#lora-list [data-lora='watercolor']")
-        assert page.input_value("#steps") == "4" and "fewstep-default" in page.inner_text("#model")
+        assert page.input_value("#steps") == "4" and "shapes-teacher-v1" in page.inner_text("#model")
         page.locator("#prompt").press_sequentially("a red circle", delay=20)
         image = page.wait_for_selector("#gallery figure img", timeout=30_000)
         assert image.get_attribute("src").startswith("data:image/png;base64,")

@@ -82,5 +82,5 @@ def test_fewstep_serve_starts_serves_and_stops(tmp_path):
             raise
     err = proc.stderr.read()
     assert code == 0, err
-    assert f"serving fewstep-default (cpu, float32) on http://127.0.0.1:{port}/" in err and "untrained" in err
+    assert f"serving shapes-teacher-v1 (cpu, float32) on http://127.0.0.1:{port}/" in err
     assert err.rstrip().endswith("fewstep: stopped")

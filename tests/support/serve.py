@@ -16,7 +16,7 @@ anyio.open_file  # noqa: B018 - import anyio's lazily loaded file module now: a 
 
 @functools.cache
 def default_engine():
-    """The embedded default model (64x64, untrained), loaded once per test session in float32 on the CPU."""
+    """The embedded default model (the shapes teacher, 64x64), loaded once per test session in float32 on the CPU."""
     import fewstep
 
     return fewstep.load(device="cpu", dtype="fp32")
