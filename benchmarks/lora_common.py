@@ -65,13 +65,15 @@ def build_engine(arch, dtype, *, text=False, seed=0):
     vae.requires_grad_(False)
     tokenizers = [bundled_tokenizer("clip")] + ([bundled_tokenizer("openclip")] if arch == "sdxl" else [])
     comps = Components(arch=arch, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                       scheduler_config=dict(SCHEDULER, prediction_type="epsilon"), source="random", name=f"{arch}-random",
+                       scheduler_config=dict(SCHEDULER, prediction_type="epsilon"), source="random",
+                       name=f"{arch}-random",
                        force_zeros_for_empty_prompt=arch == "sdxl")
     return Engine(comps, torch.device("cpu"), dtype)
 
 
 def targets(unet, ends=TARGETS):
-    return [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n.endswith(ends)]
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    return [n for n, m in unet.named_modules() if isinstance(m, layers) and n.endswith(ends)]
 
 
 def write_lora(path, unet, *, rank=64, ends=TARGETS, seed=0, scale=0.01, dtype=torch.float16):

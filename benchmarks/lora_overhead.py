@@ -78,8 +78,8 @@ def main(argv=None):
         return 0
     print(f"# {env['cpu']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}, commit {env['commit']}, "
           f"load avg {env['load']:.1f}")
-    print(f"# {args.arch} UNet (random weights), {args.size}x{args.size}, {args.steps} LCM steps, {args.runs} runs each, "
-          "alternating")
+    print(f"# {args.arch} UNet (random weights), {args.size}x{args.size}, {args.steps} LCM steps, {args.runs} runs "
+          "each, alternating")
     print(f"{'adapters':<22} {'step median s':>14} {'step min-max s':>16} {'generation median s':>20}")
     for label, r in (("none", base), ("lcm 1.0 + style 0.8", fused)):
         print(f"{label:<22} {r['step_median_s']:>14.4f} {r['step_min_s']:>7.4f}-{r['step_max_s']:<8.4f} "

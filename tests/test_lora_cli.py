@@ -78,7 +78,8 @@ def test_convert_round_trips_to_the_same_fused_weights(capsys, sdxl, style_file,
     assert code == 0, err
     assert f"{to}," in out
     code, out, _ = lora(capsys, "info", out_file, "--model", folder)
-    assert {"peft": "diffusers/peft", "kohya-ldm": "kohya (original block names)", "kohya": "kohya (diffusers"}[to] in out
+    names = {"peft": "diffusers/peft", "kohya-ldm": "kohya (original block names)", "kohya": "kohya (diffusers"}
+    assert names[to] in out
     ref, ours = fused_weights(engine, style_file, "ref"), fused_weights(engine, out_file, "converted")
     assert ref.keys() == ours.keys()
     for key in ref:  # peft folds alpha / rank into fp16 lora_B: one fp16 rounding

@@ -55,11 +55,11 @@ class LoraReport:
 
 @dataclass
 class Factors:
-    """One target's low-rank pair, ready for the GEMM (2-d, the weight's compute dtype and device); scale = alpha/rank."""
+    """One target's low-rank pair, ready for the GEMM (2-d, the weight's compute dtype and device)."""
 
     down: torch.Tensor  # (rank, in * kh * kw)
     up: torch.Tensor  # (out, rank)
-    scale: float
+    scale: float  # alpha / rank (or what peft metadata says)
     alpha: float | None
 
     @property
