@@ -135,20 +135,25 @@ def test_exported_lora_is_the_trained_adapter(models, tmp_path):
     """The kohya file, fused by fewstep, computes what the peft adapter computed during training."""
     from safetensors.torch import save_file
 
-    from fewstep.train.models import add_lora, kohya_lora, load_models
+    from fewstep.train.models import adapters_disabled, add_lora, kohya_lora, load_models
 
     m = load_models(models("sd"))
+    gen = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([500]), torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        base = m.unet(x, t, encoder_hidden_states=c).sample
     n = add_lora(m.unet, rank=4, alpha=2.0, targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
                                                        "time_emb_proj", "downsamplers.0.conv"])
     assert n > 20
-    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.unet.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    x, t, c = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([500]), torch.randn(1, 77, 32, generator=gen)
-    with torch.no_grad():
         trained = m.unet(x, t, encoder_hidden_states=c).sample
+        with adapters_disabled(m.unet):  # the LCM-LoRA's teacher: the same UNet, adapter off
+            assert torch.equal(m.unet(x, t, encoder_hidden_states=c).sample, base)
+    assert (trained - base).abs().max() > 1e-2
+    assert all(p.requires_grad for name, p in m.unet.named_parameters() if ".lora_" in name)  # re-enabled
     save_file(kohya_lora(m.unet, torch.float32), str(tmp_path / "x.safetensors"))
     engine = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
     engine.load_lora(str(tmp_path / "x.safetensors"))
@@ -240,10 +245,19 @@ def test_resume_after_kill_9_is_exact(models, images, tmp_path):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_full_lcm_resume_restores_the_ema_target_and_optimizer(models, images, tmp_path):
+    kw = dict(lr=1e-3, checkpoint_every=1)
+    train(config("lcm", models("sd"), images, tmp_path / "a", max_steps=3, **kw))
+    train(config("lcm", models("sd"), images, tmp_path / "b", max_steps=1, **kw))
+    train(config("lcm", models("sd"), images, tmp_path / "b", max_steps=3, resume="latest", **kw))  # may extend
+    a, b = (load_file(str(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors")) for d in "ab")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
 def test_mixed_precision_accumulation_and_checkpointing_run(models, images, tmp_path):
     out = tmp_path / "bf16"
     train(config("lcm-lora", models("sdxl"), images, out, max_steps=1, mixed_precision="bf16", grad_accum=2,
-                 gradient_checkpointing=True, batch_size=1, save_dtype="fp16"))
+                 gradient_checkpointing=True, batch_size=1, save_dtype="fp16", vae=str(models("sdxl"))))
     sd = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert next(iter(sd.values())).dtype == torch.float16 and all(torch.isfinite(v).all() for v in sd.values())
     record = json.loads((out / "train_config.json").read_text())

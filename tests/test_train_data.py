@@ -160,7 +160,8 @@ def test_config_file_and_flags(tmp_path):
     add_parser(sub)
     parser = sub._name_parser_map["train"]
     cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"model": "m", "data": "d", "batch-size": 3, "lr": 0.5, "validation_steps": [1, 4]}))
+    settings = {"teacher": "m", "data": "d", "batch-size": 3, "lr": 0.5, "validation_steps": [1, 4]}
+    cfg_file.write_text(json.dumps(settings))
     args = parser.parse_args(["lcm-lora", "--config", str(cfg_file), "--out", "o", "--lr", "0.25"])
     cfg = config_from_args(args)
     assert (cfg.model, cfg.data, cfg.out, cfg.batch_size, cfg.lr) == ("m", "d", "o", 3, 0.25)

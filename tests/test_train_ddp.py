@@ -1,6 +1,6 @@
 """Data-parallel training through `accelerate launch` (2 CPU processes, gloo): the LoRA equals the one a single
 process trains with the same global batch, because every process draws the global batch's random numbers and
-loads its own slice of the same global example order."""
+loads its own slice of the same global example order. About 20 s on 2 idle cores (3 Python processes start)."""
 
 import os
 import shutil
@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -24,13 +23,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_train_the_lora_one_process_trains(models, tmp_path):
     from tests.test_train_data import write_shard
 
     write_shard(tmp_path / "shard-0.tar", 0, 5)  # tar shards: the data path the large runs use
     data = str(tmp_path / "shard-{0..0}.tar")
-    common = ["--max-steps", "3", "--resolution", "32", "--rank", "4", "--lr", "1e-2", "--validate-every", "0",
+    common = ["--max-steps", "3", "--resolution", "32", "--rank", "4", "--lr", "1e-3", "--validate-every", "0",
               "--checkpoint-every", "2", "--save-dtype", "fp32", "--num-workers", "1", "-q"]
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     # --multi_gpu selects accelerate's multi-process launcher; fewstep asks for the CPU (gloo) when there is no GPU
@@ -49,7 +47,7 @@ def test_two_processes_train_the_lora_one_process_trains(models, tmp_path):
     torch.set_num_threads(1)
     try:
         single = train(TrainConfig(method="lcm-lora", model=str(models("sd")), data=data, out=str(tmp_path / "one"),
-                                   batch_size=2, max_steps=3, resolution=32, rank=4, lr=1e-2, validate_every=0,
+                                   batch_size=2, max_steps=3, resolution=32, rank=4, lr=1e-3, validate_every=0,
                                    checkpoint_every=2, save_dtype="fp32", num_workers=1, quiet=True, device="cpu"))
     finally:
         torch.set_num_threads(threads)
@@ -60,6 +58,7 @@ def test_two_processes_train_the_lora_one_process_trains(models, tmp_path):
     rel = ((up_a - up_b).norm() / up_a.norm()).item()
     flipped = ((up_a - up_b).abs() > 1e-4).float().mean().item()
     # Float sums differ (a 2 x 1 split and gloo's all-reduce against one batch of 2), and Adam's first steps are
-    # nearly sign(gradient), so the few gradient components that are ~0 may step either way: compare the whole
-    # update, not the worst element. Ranks sharing or skipping examples would differ by tens of percent.
-    assert up_a.norm() > 0.1 and rel < 0.01 and flipped < 0.05, (rel, flipped)
+    # nearly sign(gradient), so the few gradient components that are ~0 may step either way (measured: 0.03% of
+    # the weights, 0.6% of the norm): compare the whole update, not the worst element. Training on other examples
+    # (ranks sharing or skipping data) differs by ~85% of the norm in ~85% of the weights.
+    assert up_a.norm() > 0.05 and rel < 0.05 and flipped < 0.01, (rel, flipped)

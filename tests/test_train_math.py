@@ -131,3 +131,29 @@ def test_lr_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5) and lrs[-1] > 0
     assert all(b <= a for a, b in zip(lrs[4:], lrs[5:]))
+
+
+SD15 = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+@pytest.mark.parametrize("config,modules,params", [(SD15, 278, 67_252_224), (SDXL, 788, 196_751_360)])
+def test_recipe_targets_make_the_published_lcm_loras(config, modules, params):
+    """Rank 64 on the recipe's targets gives the published LCM-LoRAs' module and parameter counts (real-size
+    architectures on the meta device: structure only)."""
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.train.config import TARGETS
+    from fewstep.train.models import add_lora
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+        assert add_lora(unet, rank=64, alpha=64, targets=TARGETS["lcm"]) == modules
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == params

@@ -161,10 +161,11 @@ def check(c):
 
 
 FIELDS = {f.name for f in fields(TrainConfig)}
+ALIASES = {"teacher": "model", "base": "model", "validation_prompt": "validation_prompts"}  # the flags' names
 
 
 def read_config_file(path):
-    """Settings from a JSON or TOML file; keys are field names (dashes allowed). A recorded train_config.json
+    """Settings from a JSON or TOML file; keys are flag or field names (dashes allowed). A recorded train_config.json
     (settings under "config") works too, so a run can be repeated from its record."""
     p = Path(path)
     try:
@@ -188,7 +189,7 @@ def read_config_file(path):
         raise TrainError(f"config file {path} must hold a table/object of settings")
     out = {}
     for k, v in data.items():
-        key = k.replace("-", "_")
+        key = ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
         if key not in FIELDS:
             raise TrainError(f"config file {path}: unknown setting {k!r}")
         out[key] = v

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +224,8 @@ def prepare(image, caption, size, *, crop="center", flip=False, caption_dropout=
 
 # ---- order and batches --------------------------------------------------------------------------------------
 class Order:
-    """Global example number g -> source index: a fresh seeded permutation per epoch (endless sources: g)."""
+    """Global example number g -> source index: a fresh seeded permutation per epoch (endless sources: g).
+    Called from the loading threads: a batch can straddle two epochs while the next one is being loaded."""
 
     def __init__(self, source, seed):
         try:
@@ -231,16 +233,20 @@ class Order:
         except TypeError:
             self.n = None
         self.seed = seed
-        self._epoch, self._perm = None, None
+        self._perms = {}  # epoch -> permutation; the two newest are kept
+        self._lock = threading.Lock()
 
     def __call__(self, g):
         if self.n is None:
             return g
         epoch, i = divmod(g, self.n)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._epoch = epoch
-        return int(self._perm[i])
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                for old in sorted(self._perms)[:-2]:
+                    del self._perms[old]
+        return int(perm[i])
 
 
 @dataclass
@@ -270,8 +276,6 @@ class Loader:
     def example(self, g):
         try:
             image, caption = self.source[self.order(g)]
-        except TrainError:
-            raise
         except (IndexError, KeyError, ValueError, OSError) as e:
             raise TrainError(f"data source failed on example {g}: {type(e).__name__}: {e}") from None
         # per-example randomness (crop, flip, caption dropout) from (seed, g): the same on any process or resume

@@ -2,6 +2,7 @@
 embedding and an EMA target network (LCM, Luo et al. 2023, Algorithm 1; LCM-LoRA, Luo et al. 2023)."""
 
 import copy
+from contextlib import nullcontext
 
 import torch
 
@@ -14,8 +15,6 @@ from .models import DTYPES, adapters_disabled, ema_update, lcm_student, lora_stu
 
 class Distill(Method):
     """The consistency step shared by both variants; they differ in teacher, target and guidance input."""
-
-    full = False
 
     def __init__(self, cfg, models, device, weight_dtype, autocast):
         super().__init__(cfg, models, device, weight_dtype, autocast)
@@ -39,9 +38,11 @@ class Distill(Method):
         )
 
     def teacher(self):
+        """Context yielding the teacher UNet."""
         raise NotImplementedError
 
     def target(self):
+        """Context yielding the target network (evaluated without gradient)."""
         raise NotImplementedError
 
     def guidance_input(self, w):
@@ -74,22 +75,6 @@ class Distill(Method):
         return cm.distance(pred, y, self.cfg.loss, self.cfg.huber_c)
 
 
-class _Use:
-    """Context yielding a module, with optional enter/exit actions."""
-
-    def __init__(self, module, ctx=None):
-        self.module, self.ctx = module, ctx
-
-    def __enter__(self):
-        if self.ctx:
-            self.ctx.__enter__()
-        return self.module
-
-    def __exit__(self, *exc):
-        if self.ctx:
-            self.ctx.__exit__(*exc)
-
-
 class LcmLora(Distill):
     """LCM-LoRA: the student is the teacher plus a LoRA; the teacher is the same UNet with the adapter off (no
     second copy in memory); the target is the student itself without gradient (no EMA, as the LoRA recipe)."""
@@ -99,10 +84,10 @@ class LcmLora(Distill):
         self.student = lora_student(models.unet, cfg, device, weight_dtype)
 
     def teacher(self):
-        return _Use(self.student, adapters_disabled(self.student))
+        return adapters_disabled(self.student)
 
     def target(self):
-        return _Use(self.student)
+        return nullcontext(self.student)
 
     def export(self, out, metadata):
         return save_lora(self.student, out, dtype=DTYPES[self.cfg.save_dtype], metadata=metadata)
@@ -111,8 +96,6 @@ class LcmLora(Distill):
 class LcmFull(Distill):
     """Full LCM: every UNet weight trains, the student takes the guidance w as an embedding (so sampling needs no
     CFG pass), the target is an EMA of the student, the teacher a frozen copy of the original UNet."""
-
-    full = True
 
     def __init__(self, cfg, models, device, weight_dtype, autocast):
         super().__init__(cfg, models, device, weight_dtype, autocast)
@@ -127,10 +110,10 @@ class LcmFull(Distill):
         return guidance_embedding(w.cpu(), self.cfg.time_cond_proj_dim).to(self.device)
 
     def teacher(self):
-        return _Use(self.teacher_unet)
+        return nullcontext(self.teacher_unet)
 
     def target(self):
-        return _Use(self.ema)
+        return nullcontext(self.ema)
 
     def after_step(self):
         ema_update(self.ema, self.student, self.cfg.ema_decay)

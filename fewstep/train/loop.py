@@ -92,7 +92,8 @@ def run(cfg, *, source=None):
                          "--out")
 
     torch.manual_seed(cfg.seed)  # the LoRA's initial A matrices (identical on every process)
-    models = load_models(cfg.model, allow_pickle=cfg.allow_pickle, vae=cfg.vae)
+    with acc.main_process_first():  # a hub download happens once, then the other processes read the cache
+        models = load_models(cfg.model, allow_pickle=cfg.allow_pickle, vae=cfg.vae)
     cfg = cfg.resolved(xl=models.preset.xl, native_size=models.native_size)
     if cfg.resolution % models.vae_factor:
         raise TrainError(f"--resolution {cfg.resolution} is not a multiple of this model's latent factor "

@@ -1,6 +1,7 @@
 """The networks a training run holds: the teacher / base model read through fewstep.loading, the LoRA attached with
 peft (diffusers' own adapter integration), and the exports: kohya-layout LoRA files and diffusers model folders."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def load_vae(source):
     if not path.exists():
         if not HUB_ID.match(str(source)):
             raise TrainError(f"--vae {source}: not found (give a VAE folder or a hub id)")
-        path = hub_snapshot(str(source), patterns=["*.json", "*.safetensors"])
+        path = hub_snapshot(str(source), patterns=["config.json", "diffusion_pytorch_model*.safetensors",
+                                                   "vae/config.json", "vae/diffusion_pytorch_model*.safetensors"])
     sub = "vae" if (path / "vae" / "config.json").is_file() else None
     try:
         return AutoencoderKL.from_pretrained(str(path), subfolder=sub, use_safetensors=True)
@@ -103,26 +105,22 @@ def add_lora(unet, *, rank, alpha, targets):
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True))
     except ValueError as e:
         raise TrainError(f"--targets {','.join(targets)}: {str(e).splitlines()[0]}") from None
-    n = sum(isinstance(m, LoraLayer) for m in unet.modules())
+    from diffusers.training_utils import cast_training_params
+
     # the adapter trains in float32 whatever the frozen weights' dtype (mixed precision keeps fp32 masters)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return n
+    cast_training_params(unet, dtype=torch.float32)
+    return sum(isinstance(m, LoraLayer) for m in unet.modules())
 
 
-class adapters_disabled:
-    """Context: the UNet as the teacher (its LoRA off). peft's toggle also flips requires_grad, so this is used
-    only for no-grad passes that run before the student's forward."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def __enter__(self):
-        self.unet.disable_adapters()
-
-    def __exit__(self, *exc):
-        self.unet.enable_adapters()
+@contextmanager
+def adapters_disabled(unet):
+    """The UNet as the teacher (its LoRA off). peft's toggle also flips requires_grad, so this serves only no-grad
+    passes that run before the student's forward."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
 
 
 def kohya_lora(unet, dtype=torch.float16):
