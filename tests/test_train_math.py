@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
+from fewstep.arch import SD15_UNET, SDXL_UNET
 from fewstep.denoiser import guidance_embedding, to_x0_eps
 from fewstep.schedules import noise_schedule
 from fewstep.train import consistency as cm
@@ -133,15 +134,7 @@ def test_lr_schedule():
     assert all(b <= a for a, b in zip(lrs[4:], lrs[5:]))
 
 
-SD15 = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+SD15, SDXL = SD15_UNET, SDXL_UNET  # the published configs, as fewstep.arch holds them
 
 
 @pytest.mark.parametrize("config,modules,params", [(SD15, 278, 67_252_224), (SDXL, 788, 196_751_360)])

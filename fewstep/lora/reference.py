@@ -1,36 +1,17 @@
 """Real-size UNets and text encoders built on the meta device: module names and shapes without weights.
 
 `fewstep lora info/convert` resolve a file's names against these when no model is given; tests check key coverage
-against them. Configs are the published diffusers/transformers values (SD 1.5, SD 2.1, SDXL base).
+against them. Configs are fewstep.arch's published values (SD 1.5, SD 2.1, SDXL base).
 """
 
 import json
 from pathlib import Path
 
+from ..arch import BIG_G, SD2_UNET, SD15_UNET, SDXL_UNET, VIT_H, VIT_L
 from ..errors import LoadError
 
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-              hidden_act="quick_gelu")
-OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                  hidden_act="gelu")
-OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                     hidden_act="gelu", projection_dim=1280)
-SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-UNETS = {
-    "sd15": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                 cross_attention_dim=768, attention_head_dim=8, **SD_BLOCKS),
-    "sd2": dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                **SD_BLOCKS),
-    "sdxl": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
-}
-TEXT = {"sd15": [CLIP_L], "sd2": [OPENCLIP_H], "sdxl": [CLIP_L, OPENCLIP_BIGG]}
+UNETS = {"sd15": SD15_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
+TEXT = {"sd15": [VIT_L], "sd2": [VIT_H], "sdxl": [VIT_L, BIG_G]}
 ARCHS = tuple(UNETS)
 CROSS_TO_ARCH = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
