@@ -9,6 +9,7 @@ from pathlib import Path
 NAME = "shapes-teacher-v1"
 SHIPPED = Path(__file__).resolve().parent / "data" / "shapes" / "teacher"
 LCM_LORA = Path(__file__).resolve().parent / "data" / "shapes" / "lcm-lora.safetensors"
+OUTLINE_LORA = Path(__file__).resolve().parent / "data" / "shapes" / "outline-lora.safetensors"
 # What the teacher was evaluated with (all four attributes right on 200 captions, docs/shapes.md).
 TEACHER_DEFAULTS = dict(sampler="euler", steps=25, guidance=4.0)
 
@@ -21,3 +22,8 @@ def default_model_path():
 def default_lcm_lora():
     """The shapes teacher's LCM-LoRA when it ships, else None."""
     return LCM_LORA if LCM_LORA.is_file() else None
+
+
+def default_outline_lora():
+    """The shapes teacher's outline-style LoRA (trained with `fewstep train lora`) when it ships, else None."""
+    return OUTLINE_LORA if OUTLINE_LORA.is_file() else None

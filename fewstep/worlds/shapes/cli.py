@@ -1,0 +1,99 @@
+"""`fewstep eval shapes`: the shapes world's quality table (issue 5) for the shipped models or your own."""
+
+import shlex
+import sys
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("eval", help="evaluate a model against a world with known answers",
+                              description="Evaluate models of a world whose images can be checked by detectors.")
+    sub = p.add_subparsers(dest="eval_command", required=True)
+    s = sub.add_parser("shapes", help="the shapes world's table: teacher vs LCM-LoRA vs outline LoRA",
+                       description="Attribute accuracy, all-four-correct rate, outline rate and pixel distance to "
+                                   "the teacher's 50-step image, for the teacher with Euler (1-50 steps) and the LCM "
+                                   "sampler, its LCM-LoRA (1-8 steps) and the LCM-LoRA with the outline LoRA. "
+                                   "Writes results.md, results.json and grid.png.")
+    s.add_argument("--model", help="the teacher: a diffusers folder (default: the shipped shapes teacher)")
+    s.add_argument("--lcm-lora", help="its LCM-LoRA (default: the shipped one)")
+    s.add_argument("--outline-lora", help="the outline-style LoRA (default: the shipped one)")
+    s.add_argument("--no-outline", action="store_true", help="leave out the outline rows")
+    s.add_argument("-n", "--n", type=int, default=200, help="captions and seeds (default 200, the issue's table)")
+    s.add_argument("--guidance", type=float, help="the teacher's CFG (default 4, what it was trained and tuned for)")
+    s.add_argument("--out", default="eval-shapes", help="folder for results.md, results.json, grid.png")
+    s.add_argument("--batch", type=int, default=100, help="images per forward pass (default 100)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_shapes)
+
+
+def cmd_shapes(args):
+    from pathlib import Path
+
+    from ... import default_model
+    from ...errors import RequestError
+
+    if args.n < 1 or args.batch < 1:
+        raise RequestError("--n and --batch must be at least 1")
+    if args.guidance is not None and args.guidance < 0:
+        raise RequestError("--guidance must be >= 0")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RequestError(f"--out {out}: exists and is not a folder")
+    lcm = args.lcm_lora or default_model.default_lcm_lora()
+    outline = None if args.no_outline else args.outline_lora or default_model.default_outline_lora()
+    if lcm is None:
+        raise RequestError("no LCM-LoRA: the shipped one is not installed; pass --lcm-lora FILE")
+    if outline is None and not args.no_outline:
+        raise RequestError("no outline LoRA: the shipped one is not installed; pass --outline-lora FILE or "
+                           "--no-outline")
+
+    import fewstep
+
+    from .evaluate import EVAL_SEED
+    from .table import TEACHER_GUIDANCE, grid_image, markdown, run_table, standard_rows, targets, write
+
+    guidance = TEACHER_GUIDANCE if args.guidance is None else args.guidance
+    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=False)
+    if engine.arch != "shapes":
+        raise RequestError(f"{args.model}: a {engine.c.preset.title} model, not a model of the shapes world")
+    engine.load_lora(lcm, name="lcm", weight=0.0, lcm=True)
+    if outline is not None:
+        engine.load_lora(outline, name="outline", weight=0.0)
+    engine.check_finite = False  # a 1-step row may be poor; it is scored, not refused
+    rows = standard_rows(guidance, outline=outline is not None)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        refs = {(r.sampler, r.steps, r.guidance, r.lcm, r.outline) for r in rows}
+        refs |= {("euler", 50, guidance, 0.0, r.outline) for r in rows}
+        bar = tqdm(total=len(refs) * args.n, desc="eval shapes", unit="img", file=sys.stderr)
+    try:
+        results, images = run_table(engine, rows, n=args.n, teacher_guidance=guidance, batch=args.batch,
+                                    progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    report = dict(world="shapes", n=args.n, seed=EVAL_SEED, model=str(args.model or default_model.NAME),
+                  lcm_lora=str(lcm), outline_lora=str(outline), device=str(engine.device),
+                  dtype=str(engine.dtype).replace("torch.", ""), command=_command(args), rows=results)
+    report["targets"] = targets(results)
+    paths = write(report, grid_image(rows, images, args.n), out)
+    print(markdown(report), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _command(args):
+    """The command line that reproduces this table."""
+    parts = ["fewstep", "eval", "shapes"]
+    for flag, value in (("--model", args.model), ("--lcm-lora", args.lcm_lora), ("--outline-lora", args.outline_lora),
+                        ("--n", args.n if args.n != 200 else None), ("--guidance", args.guidance),
+                        ("--device", None if args.device == "auto" else args.device),
+                        ("--dtype", None if args.dtype == "auto" else args.dtype), ("--out", args.out)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.no_outline:
+        parts.append("--no-outline")
+    return shlex.join(parts)
