@@ -198,7 +198,13 @@ def run_bench(args):
     engine.lcm_lora = "lcm"
     fuse_time = time.perf_counter() - t0
     # the prompt cache would skip fewstep's text encoder on repeated runs; diffusers has none, so it is off here
-    report = speed.apply(engine, speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0))
+    tiny = None
+    if args.vae == "tiny" and not args.model:  # random weights of TAESD's architecture: the same compute
+        from diffusers import AutoencoderTiny
+
+        tiny = AutoencoderTiny().to(dev, dt).eval().requires_grad_(False)
+    report = speed.apply(engine, speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0),
+                         tiny_decoder=tiny)
     compile_time = speed.warmup(engine, width=size, height=size, steps=1) if args.compile else None
 
     pipes = {}

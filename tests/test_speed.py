@@ -1,5 +1,6 @@
 """The fast path keeps images where they were; the bench command produces its rows."""
 
+import copy
 import json
 
 import numpy as np
@@ -85,3 +86,50 @@ def test_bench_rows(models, capsys):
         assert r["unet_calls"] == 4 and r["seconds"] > 0 and r["decode_s"] > 0 and r["text_s"] > 0
         assert r["weights"] == "real" and r["size"] == 32 and r["commit"]
     assert rows["fewstep"]["speedup_vs"]["diffusers-tuned"] > 0
+
+
+def _three_level_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(16, 32, 32), latent_channels=4, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3).eval()
+
+
+def test_phase_upsample_decodes_like_the_original_and_leaves_it_untouched():
+    from diffusers.models.upsampling import Upsample2D
+
+    from fewstep.speed import PhaseUpsample, phase_upsample_view
+
+    vae = _three_level_vae()
+    keys = list(vae.state_dict())
+    view, count = phase_upsample_view(vae)
+    assert count == 2 and isinstance(view.decoder.up_blocks[0].upsamplers[0], PhaseUpsample)
+    assert isinstance(vae.decoder.up_blocks[0].upsamplers[0], Upsample2D) and list(vae.state_dict()) == keys
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        assert (view.decode(z).sample - ref).abs().max() < 1e-4  # fp32: the same sums, another order
+        vae.to(memory_format=torch.channels_last)
+        out = view.decode(z.contiguous(memory_format=torch.channels_last)).sample
+        assert (out - ref).abs().max() < 1e-4
+        conv = vae.decoder.up_blocks[0].upsamplers[0].conv
+        conv.weight.mul_(0.5)  # weights changed in place: the phase kernel follows
+        assert (view.decode(z).sample - vae.decode(z).sample).abs().max() < 1e-4
+        bf = copy.deepcopy(vae).to(torch.bfloat16)
+        fast = phase_upsample_view(bf)[0].decode(z.bfloat16()).sample.float()
+        assert (fast - vae.decode(z).sample).abs().max() < 0.1  # bf16: within bf16 rounding of the fp32 image
+
+
+def test_phase_upsample_is_the_cpu_default_and_switchable(models):
+    from fewstep.speed import PhaseUpsample
+
+    def has_phase(engine):
+        return any(isinstance(m, PhaseUpsample) for m in engine.decoder.modules())
+
+    fast = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
+    plain = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False, phase_upsample=False)
+    assert has_phase(fast) and not has_phase(plain) and fast.speed_report["phase_upsample"] >= 1
+    assert not any(isinstance(m, PhaseUpsample) for m in fast.c.vae.modules())
+    assert psnr(fast.generate("a cat", **LCM).images[0], plain.generate("a cat", **LCM).images[0]) > 45
