@@ -13,7 +13,7 @@ from . import sampling, schedules, text
 from .denoiser import guidance_embedding, make_denoiser
 from .errors import RequestError, ResourceError
 from .request import GenerateRequest
-from .speed import OnDevice, SpeedSettings
+from .speed import OnDevice, SpeedSettings, cudnn_benchmark
 
 log = logging.getLogger("fewstep")
 
@@ -173,6 +173,10 @@ class Engine:
     @torch.no_grad()
     def run(self, req, *, callback=None):
         """Run a GenerateRequest."""
+        with cudnn_benchmark(self.speed.cudnn_benchmark):
+            return self._run(req, callback)
+
+    def _run(self, req, callback):
         t_start = time.perf_counter()
         if req.init_image is not None and req.strength is None:
             req = replace(req, strength=0.6)
@@ -224,8 +228,11 @@ class Engine:
 
         sampler = sampling.SAMPLERS[req.sampler]
         kw = {"timestep_scaling": self.noise_schedule.timestep_scaling} if req.sampler == "lcm" else {}
+        # The fresh noise of every step, drawn now in the generators' order and moved in one copy: a copy from
+        # host memory inside the loop would make the host wait for each step to finish on a GPU.
+        bank = [randn(shape) for _ in range(len(sched) - 1)] if req.sampler != "euler" else []
         with OnDevice(self, self.c.unet):
-            latents = sampler(denoise, latents, sched, noise=lambda like: randn(like.shape), callback=on_step, **kw)
+            latents = sampler(denoise, latents, sched, noise=lambda like: bank.pop(0), callback=on_step, **kw)
         timings["steps"] = step_times
         t0 = time.perf_counter()
         images = self.decode(latents)

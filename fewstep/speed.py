@@ -4,6 +4,7 @@ Settings are chosen per device by `auto_settings` and applied by `apply`; compil
 (engine.unet_fn, engine.decode_fn), never rebound globals.
 """
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ class SpeedSettings:
     prompt_cache: int = 64  # prompt embeddings kept for repeated prompts (0: off)
     attention_slicing: bool | None = None  # MPS only, for large images
     phase_upsample: bool | None = None  # the full VAE decoder's upsamplers as sub-pixel convolutions (CPU default)
+    cudnn_benchmark: bool | None = None  # let cuDNN time its convolution algorithms for our fixed shapes (CUDA)
 
 
 def auto_settings(device, **overrides):
@@ -40,6 +42,8 @@ def auto_settings(device, **overrides):
         s = replace(s, compile_mode="reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs")
     if s.attention_slicing is None:
         s = replace(s, attention_slicing=False)
+    if s.cudnn_benchmark is None:
+        s = replace(s, cudnn_benchmark=device.type == "cuda")
     if s.phase_upsample is None:
         s = replace(s, phase_upsample=device.type == "cpu")
     if s.offload and device.type != "cuda":
@@ -187,6 +191,17 @@ def warmup(engine, *, width=None, height=None, steps=2, num_images=1):
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on):
+    """torch.backends.cudnn.benchmark set for fewstep's own work only, restored after (it is process-wide)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 class OnDevice:
