@@ -35,6 +35,7 @@ def add_parser(sub):
     b.add_argument("--batch", default="1", help="batch sizes for the throughput rows, e.g. 1,4,8 (LCM mode)")
     b.add_argument("--vae", default="full", help="fewstep's decoder: full, tiny, or an AutoencoderTiny path/hub id")
     b.add_argument("--compile", action="store_true", help="torch.compile fewstep's UNet and decoder (time reported)")
+    b.add_argument("--cuda-graphs", action="store_true", help="replay fewstep's UNet steps as CUDA graphs")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.add_argument("--out", help="also write the JSON rows to this file")
     b.set_defaults(func=run_bench)
@@ -203,9 +204,10 @@ def run_bench(args):
         from diffusers import AutoencoderTiny
 
         tiny = AutoencoderTiny().to(dev, dt).eval().requires_grad_(False)
-    report = speed.apply(engine, speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0),
-                         tiny_decoder=tiny)
-    compile_time = speed.warmup(engine, width=size, height=size, steps=1) if args.compile else None
+    report = speed.apply(engine, speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0,
+                                                     cuda_graphs=args.cuda_graphs), tiny_decoder=tiny)
+    compile_time = speed.warmup(engine, width=size, height=size, steps=2) if args.compile or args.cuda_graphs \
+        else None
 
     pipes = {}
     if own_tuned:
@@ -224,7 +226,8 @@ def run_bench(args):
     rows = []
     meta = dict(arch=comps.arch, weights=weights, size=size, device=_device_name(dev), commit=_commit(),
                 torch=torch.__version__, fewstep_dtype=str(dt).split(".")[-1], compile=args.compile,
-                decoder=report.get("decoder", "full"), channels_last=report.get("channels_last", False))
+                decoder=report.get("decoder", "full"), channels_last=report.get("channels_last", False),
+                cuda_graphs=args.cuda_graphs)
 
     def one(system, mode, batch, timed):
         lcm = mode == "lcm"
@@ -379,7 +382,7 @@ def table(rows, extra):
     r0 = rows[0] if rows else {}
     lines.append(f"\n{r0.get('arch')} {r0.get('size')}px, {r0.get('weights')} weights, {r0.get('device')}, torch "
                  f"{r0.get('torch')}, commit {r0.get('commit')}, decoder {r0.get('decoder')}, compile "
-                 f"{r0.get('compile')}; LCM-LoRA ({extra['lora_tensors']} tensors) load+fuse "
-                 f"{extra['lora_load_fuse_s']:.2f}s" + (f", compile+warm-up {extra['compile_s']:.1f}s"
+                 f"{r0.get('compile')}, cuda graphs {r0.get('cuda_graphs')}; LCM-LoRA ({extra['lora_tensors']} tensors) load+fuse "
+                 f"{extra['lora_load_fuse_s']:.2f}s" + (f", compile/capture+warm-up {extra['compile_s']:.1f}s"
                                                        if extra["compile_s"] else ""))
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import speed_cli as speed
 from .errors import FewstepError, RequestError
 
 log = logging.getLogger("fewstep")
@@ -85,6 +86,7 @@ def build_parser():
     g.add_argument("--json", action="store_true", help="print paths, seeds and timings as JSON on stdout")
     g.add_argument("--verbose", "-v", action="store_true", help="also print LoRA reports and per-stage timings")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    speed.add_arguments(g)
     g.set_defaults(func=cmd_generate)
     for module in SUBCOMMANDS:
         try:
@@ -143,7 +145,7 @@ def cmd_generate(args):
 
     t0 = time.perf_counter()
     engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=args.lcm,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, **speed.speed_kwargs(args))
     load_time = time.perf_counter() - t0
     for note in engine.c.notes:
         log.warning(note)

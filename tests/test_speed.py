@@ -63,9 +63,14 @@ def test_tiny_decoder_from_a_local_folder(models, tmp_path):
         fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False, vae="/no/such/taesd")
 
 
-def test_offload_is_for_gpus():
+def test_offload_and_cuda_graphs_are_for_gpus(capsys):
     with pytest.raises(LoadError, match="offload"):
         fewstep.load(device="cpu", lcm=False, offload=True)
+    with pytest.raises(LoadError, match="--cuda-graphs needs a CUDA device"):
+        fewstep.load(device="cpu", lcm=False, cuda_graphs=True)
+    assert main(["generate", "a red circle", "--device", "cpu", "--cuda-graphs", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fewstep: error: --cuda-graphs needs a CUDA device") and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -133,3 +138,24 @@ def test_phase_upsample_is_the_cpu_default_and_switchable(models):
     assert has_phase(fast) and not has_phase(plain) and fast.speed_report["phase_upsample"] >= 1
     assert not any(isinstance(m, PhaseUpsample) for m in fast.c.vae.modules())
     assert psnr(fast.generate("a cat", **LCM).images[0], plain.generate("a cat", **LCM).images[0]) > 45
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_eager_and_follow_lora_weights(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.support.loras import random_lora
+
+    eager = fewstep.load(models("sd"), device="cuda", dtype="fp32", lcm=False)
+    graphed = fewstep.load(models("sd"), device="cuda", dtype="fp32", lcm=False, cuda_graphs=True)
+    assert graphed.speed_report["cuda_graphs"]
+    for batch in (1, 2):  # two shapes, two graphs
+        a = eager.generate(["a cat"] * batch, **LCM).images
+        b = graphed.generate(["a cat"] * batch, **LCM).images
+        assert all(psnr(x, y) > 40 for x, y in zip(a, b))
+    before = graphed.generate("a cat", **LCM).images[0]
+    save_file(random_lora(eager.c.unet, seed=1, scale=0.5), str(tmp_path / "style.safetensors"))
+    for engine in (eager, graphed):
+        engine.load_lora(tmp_path / "style.safetensors", name="style", weight=1.0)
+    after = graphed.generate("a cat", **LCM).images[0]
+    assert psnr(eager.generate("a cat", **LCM).images[0], after) > 40 and psnr(before, after) < 40

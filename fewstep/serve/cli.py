@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 
+from .. import speed_cli as speed
 from ..errors import FewstepError
 
 log = logging.getLogger("fewstep")
@@ -63,6 +64,7 @@ def add_parser(subparsers):
                    help=f"PNGs kept in memory for response_format url ({d.keep_images})")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", help="serve without a warm-up generation")
     g.add_argument("--verbose", "-v", action="store_true", help="log every HTTP request")
+    speed.add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -123,7 +125,7 @@ def cmd_serve(args):
     if not is_loopback(args.host) and not config.api_key:
         log.warning(f"serving on {args.host} without --api-key: anyone who can reach this port can use it")
     t0 = time.perf_counter()
-    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=args.lcm)
+    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=args.lcm, **speed.speed_kwargs(args))
     for note in engine.c.notes:
         log.warning(note)
     if args.warmup:

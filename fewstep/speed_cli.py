@@ -1,0 +1,26 @@
+"""The fast-path flags shared by `fewstep generate` and `fewstep serve` (no torch import here)."""
+
+
+def add_arguments(parser):
+    """The fast-path flags of `fewstep generate` and `fewstep serve`; speed_kwargs(args) maps them to fewstep.load."""
+    g = parser.add_argument_group("speed (defaults are chosen per device)")
+    g.add_argument("--vae", default="full", metavar="full|tiny|PATH",
+                   help="decoder: the model's VAE (default), tiny (TAESD/TAESDXL from the hub cache) or a local "
+                        "AutoencoderTiny folder - several times faster, slightly softer images")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and the decoder (minutes to compile, faster steps after)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each UNet step as a CUDA graph (seconds to capture; CUDA only)")
+    g.add_argument("--offload", action="store_true", help="keep weights in CPU memory, each part on the GPU only "
+                                                          "while it runs (low-memory GPUs)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="keep the UNet in NCHW memory format")
+    return g
+
+
+def speed_kwargs(args):
+    """fewstep.load keyword arguments from the flags of add_arguments."""
+    kw = dict(vae=args.vae, compile=args.compile, cuda_graphs=args.cuda_graphs, offload=args.offload)
+    if args.channels_last is not None:
+        kw["channels_last"] = args.channels_last
+    return kw
