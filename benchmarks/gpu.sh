@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run (installs nothing from the network): a kernel-level probe, then SDXL 1024 and SD1.5 512,
 # random weights of the real architectures, fewstep vs diffusers (as the LCM-LoRA blog runs it, and tuned), then
-# fewstep with the tiny decoder and compiled.
+# fewstep with CUDA graphs and compiled (about 6 minutes on an H100).
 # Usage, from the repo root: OUT=results-dir bash benchmarks/gpu.sh   (diffusers may come as wheels in .whl/)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 120 python3 benchmarks/gpu_probe.py 2>&1 | tee "$OUT/probe.txt"
 bench() { name=$1; shift; timeout "${LIMIT:-150}" python3 -m fewstep.cli bench --device cuda "$@" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"; }
-bench sdxl --arch sdxl --runs 3 --modes lcm
-bench sdxl-tiny --arch sdxl --runs 3 --modes lcm --systems fewstep --vae tiny
-LIMIT=200 bench sdxl-compiled --arch sdxl --runs 3 --modes lcm --systems fewstep --compile
-bench sd15 --arch sd15 --runs 5
+bench sdxl --arch sdxl --runs 3 --modes lcm                                            # eager, vs diffusers
+bench sdxl-graphs --arch sdxl --runs 3 --modes lcm --systems fewstep,diffusers-tuned --cuda-graphs
+LIMIT=240 bench sdxl-compiled --arch sdxl --runs 3 --modes lcm --systems fewstep,diffusers-seed --compile
+bench sd15 --arch sd15 --runs 5 --modes lcm

@@ -86,29 +86,45 @@ def _rss():
 
 
 class StageTimer:
-    """Forward hooks that time the text encoders, each UNet call and the decoder (synchronising on CUDA)."""
+    """Times the text encoders, each UNet call and the decoder (synchronising on CUDA).
+
+    unet: a module (timed by forward hooks) or (owner, attribute) of a callable, which is wrapped for the run -
+    fewstep's engine.unet_fn may be compiled or a CUDA-graph replay, which module hooks do not see.
+    """
 
     def __init__(self, device, text_encoders, unet, decode_owner, decode_attr):
         import torch
 
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.times = {"text": 0.0, "unet": [], "decode": 0.0}
-        self.handles = []
+        self.handles, self.wrapped = [], []
         for enc in text_encoders:
             self._hook(enc, "text")
-        self._hook(unet, "unet")
-        self.owner, self.attr = decode_owner, decode_attr
-        self.real_decode = getattr(decode_owner, decode_attr)
+        if isinstance(unet, tuple):
+            self._wrap(*unet, "unet")
+        else:
+            self._hook(unet, "unet")
+        self._wrap(decode_owner, decode_attr, "decode")
 
-        def decode(*a, **k):
+    def _record(self, key, dt):
+        if key == "unet":
+            self.times["unet"].append(dt)
+        else:
+            self.times[key] += dt
+
+    def _wrap(self, owner, attr, key):
+        real = getattr(owner, attr)
+
+        def timed(*a, **k):
             self.sync()
             t0 = time.perf_counter()
-            out = self.real_decode(*a, **k)
+            out = real(*a, **k)
             self.sync()
-            self.times["decode"] += time.perf_counter() - t0
+            self._record(key, time.perf_counter() - t0)
             return out
 
-        setattr(decode_owner, decode_attr, decode)
+        setattr(owner, attr, timed)
+        self.wrapped.append((owner, attr, real))
 
     def _hook(self, module, key):
         start = {}
@@ -119,18 +135,15 @@ class StageTimer:
 
         def post(*_):
             self.sync()
-            dt = time.perf_counter() - start["t"]
-            if key == "unet":
-                self.times["unet"].append(dt)
-            else:
-                self.times[key] += dt
+            self._record(key, time.perf_counter() - start["t"])
 
         self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
     def close(self):
         for h in self.handles:
             h.remove()
-        setattr(self.owner, self.attr, self.real_decode)
+        for owner, attr, real in reversed(self.wrapped):
+            setattr(owner, attr, real)
 
 
 def lcm_lora_state_dict(unet, rank=64, seed=0):
@@ -236,7 +249,7 @@ def run_bench(args):
             _set_lora(engine, lcm)
             fn = lambda: engine.generate(PROMPT, sampler="lcm" if lcm else "euler", steps=steps, guidance=guidance,  # noqa
                                          width=size, height=size, num_images=batch, seed=0)
-            mods = (engine.c.text_encoders, engine.c.unet, engine, "decode_fn")
+            mods = (engine.c.text_encoders, (engine, "unet_fn"), engine, "decode_fn")
         else:
             pipe = pipes[system]
             if system == "diffusers-tuned" and not getattr(pipe, "tuned_fused", False):
