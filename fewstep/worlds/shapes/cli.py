@@ -1,5 +1,6 @@
 """`fewstep eval shapes`: the shapes world's quality table (issue 5) for the shipped models or your own."""
 
+import logging
 import shlex
 import sys
 
@@ -19,6 +20,8 @@ def add_parser(subparsers):
     s.add_argument("--no-outline", action="store_true", help="leave out the outline rows")
     s.add_argument("-n", "--n", type=int, default=200, help="captions and seeds (default 200, the issue's table)")
     s.add_argument("--guidance", type=float, help="the teacher's CFG (default 4, what it was trained and tuned for)")
+    s.add_argument("--lcm-guidance", type=float, default=1.0,
+                   help="guidance of the LCM-LoRA rows (default 1: no CFG, fewstep's default for LCM-LoRAs)")
     s.add_argument("--out", default="eval-shapes", help="folder for results.md, results.json, grid.png")
     s.add_argument("--batch", type=int, default=100, help="images per forward pass (default 100)")
     s.add_argument("--device", default="auto")
@@ -35,8 +38,8 @@ def cmd_shapes(args):
 
     if args.n < 1 or args.batch < 1:
         raise RequestError("--n and --batch must be at least 1")
-    if args.guidance is not None and args.guidance < 0:
-        raise RequestError("--guidance must be >= 0")
+    if (args.guidance is not None and args.guidance < 0) or args.lcm_guidance < 0:
+        raise RequestError("--guidance and --lcm-guidance must be >= 0")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RequestError(f"--out {out}: exists and is not a folder")
@@ -61,7 +64,7 @@ def cmd_shapes(args):
     if outline is not None:
         engine.load_lora(outline, name="outline", weight=0.0)
     engine.check_finite = False  # a 1-step row may be poor; it is scored, not refused
-    rows = standard_rows(guidance, outline=outline is not None)
+    rows = standard_rows(guidance, args.lcm_guidance, outline=outline is not None)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -69,10 +72,14 @@ def cmd_shapes(args):
         refs = {(r.sampler, r.steps, r.guidance, r.lcm, r.outline) for r in rows}
         refs |= {("euler", 50, guidance, 0.0, r.outline) for r in rows}
         bar = tqdm(total=len(refs) * args.n, desc="eval shapes", unit="img", file=sys.stderr)
+    log = logging.getLogger("fewstep")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the rows' settings are deliberate: no per-request advice
     try:
         results, images = run_table(engine, rows, n=args.n, teacher_guidance=guidance, batch=args.batch,
                                     progress=bar.update if bar else None)
     finally:
+        log.setLevel(level)
         if bar:
             bar.close()
     report = dict(world="shapes", n=args.n, seed=EVAL_SEED, model=str(args.model or default_model.NAME),
@@ -90,6 +97,7 @@ def _command(args):
     parts = ["fewstep", "eval", "shapes"]
     for flag, value in (("--model", args.model), ("--lcm-lora", args.lcm_lora), ("--outline-lora", args.outline_lora),
                         ("--n", args.n if args.n != 200 else None), ("--guidance", args.guidance),
+                        ("--lcm-guidance", args.lcm_guidance if args.lcm_guidance != 1.0 else None),
                         ("--device", None if args.device == "auto" else args.device),
                         ("--dtype", None if args.dtype == "auto" else args.dtype), ("--out", args.out)):
         if value is not None:
