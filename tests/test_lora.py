@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import fewstep
 from fewstep.errors import LoadError, RequestError
 from fewstep.lora import apply, fuse
-from tests.support.loras import ATTENTION, lora_targets, make_lora, random_factors, text_targets
+from tests.support.loras import ATTENTION, lora_targets, make_lora, random_factors, random_lora, text_targets
 
 PROMPT = "a toy_face man"
 
@@ -98,6 +98,29 @@ def test_lcm_plus_style_matches_diffusers_set_adapters(models, tmp_path, request
                height=64, width=64).images[0]
     assert np.abs(pixels(ref) - pixels(base)).max() > 20  # the adapters really change the image
     assert np.abs(pixels(ours) - pixels(ref)).max() <= 2
+
+
+def test_style_lora_on_an_engine_loaded_with_its_lcm_lora(models, sd, tmp_path):
+    """`fewstep generate --lora`: the LCM-LoRA is fused at load, before channels_last is set; a style LoRA fused later
+    must see the same base (a base copy in the old layout once scrambled every 3x3 convolution)."""
+    lcm_file = lcm_and_style(sd, tmp_path, lcm_layout="kohya", style_layout="kohya", xl=False)[0]
+    style_file = tmp_path / "style-convs.safetensors"  # on the LCM-LoRA's own targets, 3x3 convolutions included
+    save_file(random_lora(sd.c.unet, seed=5, scale=0.1), str(style_file))
+    loaded = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=str(lcm_file))
+    assert loaded.c.unet.down_blocks[0].resnets[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    loaded.load_lora(str(style_file), name="style", weight=0.8)
+    sd.load_lora(str(lcm_file), name="lcm", lcm=True)
+    sd.load_lora(str(style_file), name="style", weight=0.8)
+    try:
+        want = sd.generate(PROMPT, steps=4, guidance=1.0, seed=7).images[0]
+    finally:
+        sd.unload_loras()
+    got = loaded.generate(PROMPT, steps=4, guidance=1.0, seed=7).images[0]
+    assert np.abs(pixels(got) - pixels(want)).max() <= 1
+    loaded.set_lora_weights({"style": 0.0})  # and back: base + LCM-LoRA only, as loaded
+    alone = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=str(lcm_file))
+    assert np.abs(pixels(loaded.generate(PROMPT, seed=7).images[0]) - pixels(alone.generate(PROMPT, seed=7).images[0])
+                  ).max() <= 1
 
 
 def test_any_sequence_restores_every_base_tensor_bit_exactly(models, tmp_path):

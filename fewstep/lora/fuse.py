@@ -128,9 +128,11 @@ def _fused(weight, parts, base):
         if nhwc:  # the matrix's columns run (kh, kw, in): reorder the down factor to match
             _, cin, kh, kw = weight.shape
             down = down.view(-1, cin, kh, kw).permute(0, 2, 3, 1).reshape(down.shape[0], -1)
-        if base is not None and base.device == weight.device:
+        if base is not None and base.device == weight.device and base.stride() == weight.stride():
             torch.addmm(_matrix(base)[0], up, down, alpha=s, out=w2d)  # the base copy has the weight's layout
             return
+        # a base copy saved before a memory-format change (the LCM-LoRA is fused before channels_last is set):
+        # copy_ converts the layout, a matrix view would not
         if base is not None:
             weight.copy_(base)
         w2d.addmm_(up, down, alpha=s)
