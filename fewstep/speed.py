@@ -94,6 +94,10 @@ def apply(engine, settings, *, tiny_decoder=None):
             done["phase_upsample"] = count
     if settings.channels_last:
         c.unet.to(memory_format=torch.channels_last)
+        saved = getattr(engine, "_lora_base", None)  # base copies of an LCM-LoRA fused at load: same layout as now
+        for key, buf in list(saved.saved.items()) if saved else []:
+            if key[0] == "unet" and buf.ndim == 4:
+                saved.saved[key] = buf.contiguous(memory_format=torch.channels_last)
         done["channels_last"] = True
     if settings.decoder_channels_last:
         engine.decoder.to(memory_format=torch.channels_last)

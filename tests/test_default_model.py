@@ -31,3 +31,16 @@ def test_default_model_draws_a_fixed_prompt_set_mostly_right_in_4_steps():
     assert result.steps_run == 4
     right = sum(shapes.detect(im) == a for im, a in zip(result.images, attrs))
     assert right >= 7, f"{right}/8 images have all four attributes right"
+
+
+def test_shipped_outline_lora_over_the_default_engine():
+    # the default engine (teacher + LCM-LoRA fused at load) plus the outline LoRA (1.0: outlined in 98% of the table)
+    from fewstep.default_model import default_outline_lora
+
+    engine = fewstep.load(device="cpu")
+    engine.load_lora(default_outline_lora(), name="outline", weight=1.0)
+    attrs = shapes.sample_attributes(12, 6, outline=True)
+    result = engine.generate([a.caption for a in attrs], seeds=list(range(6)))
+    found = [shapes.detect(im) for im in result.images]
+    assert sum(f.content() == a.content() for f, a in zip(found, attrs)) >= 5
+    assert sum(f.outline for f in found) >= 5
