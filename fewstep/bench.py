@@ -36,6 +36,8 @@ def add_parser(sub):
     b.add_argument("--vae", default="full", help="fewstep's decoder: full, tiny, or an AutoencoderTiny path/hub id")
     b.add_argument("--compile", action="store_true", help="torch.compile fewstep's UNet and decoder (time reported)")
     b.add_argument("--cuda-graphs", action="store_true", help="replay fewstep's UNet steps as CUDA graphs")
+    b.add_argument("--quality", action="store_true",
+                   help="also PSNR of fewstep's image against an fp32 run with every speed option off (same seed)")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.add_argument("--out", help="also write the JSON rows to this file")
     b.set_defaults(func=run_bench)
@@ -202,6 +204,7 @@ def run_bench(args):
     tuned_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     own_tuned = "diffusers-tuned" in systems and tuned_dtype != dt
     pristine = copy.deepcopy(parts) if ("diffusers-seed" in systems or own_tuned) else None
+    reference_parts = copy.deepcopy(parts) if args.quality else None
     t0 = time.perf_counter()
     comps = loading.place(parts, args.model or f"random-{args.arch}", args.arch, dev, dt)
     engine = Engine(comps, dev, dt)
@@ -297,6 +300,8 @@ def run_bench(args):
                                  peak_extra_bytes=mems[system], text_s=stages["text"],
                                  unet_step_s=statistics.median(stages["unet"]) if stages["unet"] else None,
                                  unet_calls=len(stages["unet"]), decode_s=stages["decode"]))
+    if args.quality:
+        _quality(rows, engine, reference_parts, str(lora_file), dev, size, args)
     for r in rows:
         ref = {x["system"]: x["seconds"] for x in rows if x["mode"] == r["mode"] and x["batch"] == r["batch"]}
         r["speedup_vs"] = {s: ref[s] / r["seconds"] for s in ref if s != r["system"]} if r["system"] == "fewstep" else {}
@@ -308,6 +313,36 @@ def run_bench(args):
     else:
         print(table(rows, extra))
     return 0
+
+
+def _quality(rows, engine, parts, lora_file, dev, size, args):
+    """psnr_vs_fp32 on fewstep's rows: its image against fp32 with channels_last, sub-pixel upsamplers, the tiny
+    decoder, compile and CUDA graphs all off, same seed (the quality guard of the fast path at real size)."""
+    import numpy as np
+    import torch
+
+    from . import loading, speed
+    from .engine import Engine
+    from .lora import load_lora
+
+    ref = Engine(loading.place(parts, "reference", parts["arch"], dev, torch.float32), dev, torch.float32)
+    ref.check_finite = False
+    load_lora(ref, lora_file, name="lcm")
+    ref.lcm_lora = "lcm"
+    speed.apply(ref, speed.SpeedSettings(channels_last=False, decoder_channels_last=False, phase_upsample=False,
+                                         prompt_cache=0, cudnn_benchmark=False))
+    for r in rows:
+        if r["system"] != "fewstep" or r["batch"] != 1:
+            continue
+        lcm = r["mode"] == "lcm"
+        req = dict(sampler="lcm" if lcm else "euler", steps=r["steps"], guidance=r["guidance"], width=size,
+                   height=size, seed=0)
+        _set_lora(engine, lcm)
+        _set_lora(ref, lcm)
+        a = np.asarray(engine.generate(PROMPT, **req).images[0], dtype=np.float64)
+        b = np.asarray(ref.generate(PROMPT, **req).images[0], dtype=np.float64)
+        mse = float(np.mean((a - b) ** 2))
+        r["psnr_vs_fp32"] = 10 * np.log10(255**2 / max(mse, 1e-10))
 
 
 def _random(arch):
@@ -391,7 +426,8 @@ def table(rows, extra):
             r["system"], f"{r['mode']} {r['steps']}", r["batch"], r["dtype"], f"{r['seconds']:.3f}",
             f"{r['images_per_s']:.3f}", f"{r['text_s']:.3f}",
             f"{r['unet_step_s']:.3f}" if r["unet_step_s"] else "-", f"{r['decode_s']:.3f}",
-            f"{r['peak_extra_bytes'] / 2**30:.2f}", sp)))
+            f"{r['peak_extra_bytes'] / 2**30:.2f}", sp + (f"; PSNR vs fp32 {r['psnr_vs_fp32']:.1f} dB"
+                                                          if "psnr_vs_fp32" in r else ""))))
     r0 = rows[0] if rows else {}
     lines.append(f"\n{r0.get('arch')} {r0.get('size')}px, {r0.get('weights')} weights, {r0.get('device')}, torch "
                  f"{r0.get('torch')}, commit {r0.get('commit')}, decoder {r0.get('decoder')}, compile "

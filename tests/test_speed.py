@@ -82,7 +82,7 @@ def test_compiled_engine_stays_close_to_eager(models):
 
 def test_bench_rows(models, capsys):
     code = main(["bench", "--model", str(models("sd")), "--size", "32", "--runs", "1", "--modes", "lcm",
-                 "--systems", "fewstep,diffusers-tuned", "--json", "--dtype", "fp32"])
+                 "--systems", "fewstep,diffusers-tuned", "--json", "--dtype", "bf16", "--quality"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     rows = {r["system"]: r for r in data["rows"]}
@@ -91,6 +91,7 @@ def test_bench_rows(models, capsys):
         assert r["unet_calls"] == 4 and r["seconds"] > 0 and r["decode_s"] > 0 and r["text_s"] > 0
         assert r["weights"] == "real" and r["size"] == 32 and r["commit"]
     assert rows["fewstep"]["speedup_vs"]["diffusers-tuned"] > 0
+    assert 25 < rows["fewstep"]["psnr_vs_fp32"] < 100 and "psnr_vs_fp32" not in rows["diffusers-tuned"]  # bf16 fast path
 
 
 def _three_level_vae():
