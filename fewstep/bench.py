@@ -426,8 +426,8 @@ def table(rows, extra):
             r["system"], f"{r['mode']} {r['steps']}", r["batch"], r["dtype"], f"{r['seconds']:.3f}",
             f"{r['images_per_s']:.3f}", f"{r['text_s']:.3f}",
             f"{r['unet_step_s']:.3f}" if r["unet_step_s"] else "-", f"{r['decode_s']:.3f}",
-            f"{r['peak_extra_bytes'] / 2**30:.2f}", sp + (f"; PSNR vs fp32 {r['psnr_vs_fp32']:.1f} dB"
-                                                          if "psnr_vs_fp32" in r else ""))))
+            f"{r['peak_extra_bytes'] / 2**30:.2f}", "; ".join(x for x in (
+                sp, f"PSNR vs fp32 {r['psnr_vs_fp32']:.1f} dB" if "psnr_vs_fp32" in r else "") if x))))
     r0 = rows[0] if rows else {}
     lines.append(f"\n{r0.get('arch')} {r0.get('size')}px, {r0.get('weights')} weights, {r0.get('device')}, torch "
                  f"{r0.get('torch')}, commit {r0.get('commit')}, decoder {r0.get('decoder')}, compile "
