@@ -17,5 +17,6 @@ timeout 120 python3 benchmarks/gpu_probe.py 2>&1 | tee "$OUT/probe.txt"
 bench() { name=$1; shift; timeout "${LIMIT:-150}" python3 -m fewstep.cli bench --device cuda "$@" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"; }
 bench sdxl --arch sdxl --runs 3 --modes lcm                                            # eager, vs diffusers
 bench sdxl-graphs --arch sdxl --runs 3 --modes lcm --systems fewstep,diffusers-tuned --cuda-graphs
+bench sdxl-graphs-qkv --arch sdxl --runs 3 --modes lcm --systems fewstep,diffusers-tuned --cuda-graphs --fused-qkv
 LIMIT=240 bench sdxl-compiled --arch sdxl --runs 3 --modes lcm --systems fewstep,diffusers-seed --compile
 bench sd15 --arch sd15 --runs 5 --modes lcm

@@ -36,6 +36,7 @@ def add_parser(sub):
     b.add_argument("--vae", default="full", help="fewstep's decoder: full, tiny, or an AutoencoderTiny path/hub id")
     b.add_argument("--compile", action="store_true", help="torch.compile fewstep's UNet and decoder (time reported)")
     b.add_argument("--cuda-graphs", action="store_true", help="replay fewstep's UNet steps as CUDA graphs")
+    b.add_argument("--fused-qkv", action="store_true", help="fuse fewstep's attention q/k/v projections")
     b.add_argument("--quality", action="store_true",
                    help="also PSNR of fewstep's image against an fp32 run with every speed option off (same seed)")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -221,7 +222,8 @@ def run_bench(args):
 
         tiny = AutoencoderTiny().to(dev, dt).eval().requires_grad_(False)
     report = speed.apply(engine, speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0,
-                                                     cuda_graphs=args.cuda_graphs), tiny_decoder=tiny)
+                                                     cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv),
+                         tiny_decoder=tiny)
     compile_time = speed.warmup(engine, width=size, height=size, steps=2) if args.compile or args.cuda_graphs \
         else None
 
@@ -243,7 +245,7 @@ def run_bench(args):
     meta = dict(arch=comps.arch, weights=weights, size=size, device=_device_name(dev), commit=_commit(),
                 torch=torch.__version__, fewstep_dtype=str(dt).split(".")[-1], compile=args.compile,
                 decoder=report.get("decoder", "full"), channels_last=report.get("channels_last", False),
-                cuda_graphs=args.cuda_graphs)
+                cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv)
 
     def one(system, mode, batch, timed):
         lcm = mode == "lcm"

@@ -33,6 +33,7 @@ class SpeedSettings:
     phase_upsample: bool | None = None  # the full VAE decoder's upsamplers as sub-pixel convolutions (CPU default)
     cudnn_benchmark: bool | None = None  # let cuDNN time its convolution algorithms for our fixed shapes (CUDA)
     cuda_graphs: bool = False  # replay the UNet step as a captured CUDA graph (no per-kernel launch cost)
+    fused_qkv: bool = False  # one q/k/v (self-attention) and k/v (cross-attention) projection GEMM; no CPU gain
 
 
 def auto_settings(device, **overrides):
@@ -92,6 +93,8 @@ def apply(engine, settings, *, tiny_decoder=None):
         engine.decoder, count = phase_upsample_view(c.vae)
         if count:
             done["phase_upsample"] = count
+    if settings.fused_qkv:
+        done["fused_qkv"] = fuse_qkv(c.unet)
     if settings.channels_last:
         c.unet.to(memory_format=torch.channels_last)
         saved = getattr(engine, "_lora_base", None)  # base copies of an LCM-LoRA fused at load: same layout as now
@@ -207,6 +210,32 @@ def warmup(engine, *, width=None, height=None, steps=2, num_images=1):
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def fuse_qkv(unet):
+    """diffusers' fused attention projections, with to_q/to_k/to_v turned into views of the fused weight, so that
+    fewstep's in-place LoRA fusion (which writes to_q.weight, ...) lands in the weight that runs. Returns the count.
+
+    The views replace the separate weights (no extra memory); base copies saved earlier stay valid (they are copies).
+    """
+    from diffusers.models.attention_processor import Attention
+
+    unet.fuse_qkv_projections()
+    count = 0
+    for m in unet.modules():
+        if not isinstance(m, Attention) or not getattr(m, "fused_projections", False):
+            continue
+        fused, names = (m.to_qkv, ("to_q", "to_k", "to_v")) if hasattr(m, "to_qkv") else (m.to_kv, ("to_k", "to_v"))
+        start = 0
+        for name in names:
+            lin = getattr(m, name)
+            rows = lin.weight.shape[0]
+            lin.weight = torch.nn.Parameter(fused.weight.data[start:start + rows], requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = torch.nn.Parameter(fused.bias.data[start:start + rows], requires_grad=False)
+            start += rows
+        count += 1
+    return count
 
 
 class GraphedUNet:

@@ -11,6 +11,8 @@ def add_arguments(parser):
                    help="torch.compile the UNet and the decoder (minutes to compile, faster steps after)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay each UNet step as a CUDA graph (seconds to capture; CUDA only)")
+    g.add_argument("--fused-qkv", action="store_true",
+                   help="one GEMM for the attention's q/k/v projections (for GPUs; no gain measured on CPUs)")
     g.add_argument("--offload", action="store_true", help="keep weights in CPU memory, each part on the GPU only "
                                                           "while it runs (low-memory GPUs)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
@@ -20,7 +22,8 @@ def add_arguments(parser):
 
 def speed_kwargs(args):
     """fewstep.load keyword arguments from the flags of add_arguments."""
-    kw = dict(vae=args.vae, compile=args.compile, cuda_graphs=args.cuda_graphs, offload=args.offload)
+    kw = dict(vae=args.vae, compile=args.compile, cuda_graphs=args.cuda_graphs, offload=args.offload,
+              fused_qkv=args.fused_qkv)
     if args.channels_last is not None:
         kw["channels_last"] = args.channels_last
     return kw

@@ -160,3 +160,23 @@ def test_cuda_graphs_match_eager_and_follow_lora_weights(models, tmp_path):
         engine.load_lora(tmp_path / "style.safetensors", name="style", weight=1.0)
     after = graphed.generate("a cat", **LCM).images[0]
     assert psnr(eager.generate("a cat", **LCM).images[0], after) > 40 and psnr(before, after) < 40
+
+
+def test_fused_qkv_changes_nothing_and_follows_lora_weights(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.support.loras import random_lora
+
+    plain = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
+    fused = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False, fused_qkv=True)
+    attn = fused.c.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert fused.speed_report["fused_qkv"] > 0 and attn.to_q.weight.data_ptr() == attn.to_qkv.weight.data_ptr()
+    assert psnr(plain.generate("a cat", **LCM).images[0], fused.generate("a cat", **LCM).images[0]) > 45
+    save_file(random_lora(plain.c.unet, seed=2, scale=0.5), str(tmp_path / "l.safetensors"))
+    base = fused.generate("a cat", **LCM).images[0]
+    for engine in (plain, fused):
+        engine.load_lora(tmp_path / "l.safetensors", name="l", weight=1.0)
+    styled = fused.generate("a cat", **LCM).images[0]
+    assert psnr(plain.generate("a cat", **LCM).images[0], styled) > 45 and psnr(base, styled) < 40
+    fused.unload_lora("l")
+    assert psnr(fused.generate("a cat", **LCM).images[0], base) > 60
