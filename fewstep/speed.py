@@ -31,7 +31,9 @@ class SpeedSettings:
     prompt_cache: int = 64  # prompt embeddings kept for repeated prompts (0: off)
     attention_slicing: bool | None = None  # MPS only, for large images
     phase_upsample: bool | None = None  # the full VAE decoder's upsamplers as sub-pixel convolutions (CPU default)
-    cudnn_benchmark: bool | None = None  # let cuDNN time its convolution algorithms for our fixed shapes (CUDA)
+    # let cuDNN time its convolution algorithms for our fixed shapes (CUDA); off: the H100 probe found it helped NCHW
+    # steps, not channels_last ones (our default)
+    cudnn_benchmark: bool = False
     cuda_graphs: bool = False  # replay the UNet step as a captured CUDA graph (no per-kernel launch cost)
     fused_qkv: bool = False  # one q/k/v (self-attention) and k/v (cross-attention) projection GEMM; no CPU gain
 
@@ -47,8 +49,6 @@ def auto_settings(device, **overrides):
         s = replace(s, compile_mode="reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs")
     if s.attention_slicing is None:
         s = replace(s, attention_slicing=False)
-    if s.cudnn_benchmark is None:  # H100 probe: it helped NCHW steps, not channels_last ones (our default)
-        s = replace(s, cudnn_benchmark=False)
     if s.phase_upsample is None:
         s = replace(s, phase_upsample=device.type == "cpu")
     if s.cuda_graphs and (device.type != "cuda" or s.offload or s.compile):
@@ -97,10 +97,6 @@ def apply(engine, settings, *, tiny_decoder=None):
         done["fused_qkv"] = fuse_qkv(c.unet)
     if settings.channels_last:
         c.unet.to(memory_format=torch.channels_last)
-        saved = getattr(engine, "_lora_base", None)  # base copies of an LCM-LoRA fused at load: same layout as now
-        for key, buf in list(saved.saved.items()) if saved else []:
-            if key[0] == "unet" and buf.ndim == 4:
-                saved.saved[key] = buf.contiguous(memory_format=torch.channels_last)
         done["channels_last"] = True
     if settings.decoder_channels_last:
         engine.decoder.to(memory_format=torch.channels_last)

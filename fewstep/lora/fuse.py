@@ -45,6 +45,16 @@ class BaseStore:
         self.saved[key] = buf
         return buf
 
+    def aligned(self, key, weight):
+        """The saved base of key in the weight's current memory layout: a weight whose layout changed since the copy
+        was made (the LCM-LoRA is fused at load, before channels_last is set) gets its copy re-laid out, once."""
+        buf = self.saved[key]
+        if buf.stride() != weight.stride():
+            fresh = torch.empty_like(weight, device=buf.device, pin_memory=buf.is_pinned())
+            fresh.copy_(buf)
+            self.saved[key] = buf = fresh
+        return buf
+
     def restore(self, key, weight):
         """Copy the base back and keep its buffer for reuse."""
         buf = self.saved.pop(key)
@@ -104,7 +114,7 @@ def fuse(engine, targets, modules):
                     base.restore(key, weight)
                 continue
             if key in base.saved:
-                _fused(weight, parts, base.saved[key])
+                _fused(weight, parts, base.aligned(key, weight))
             else:
                 base.save(key, weight)
                 _fused(weight, parts, None)
@@ -128,11 +138,9 @@ def _fused(weight, parts, base):
         if nhwc:  # the matrix's columns run (kh, kw, in): reorder the down factor to match
             _, cin, kh, kw = weight.shape
             down = down.view(-1, cin, kh, kw).permute(0, 2, 3, 1).reshape(down.shape[0], -1)
-        if base is not None and base.device == weight.device and base.stride() == weight.stride():
+        if base is not None and base.device == weight.device:
             torch.addmm(_matrix(base)[0], up, down, alpha=s, out=w2d)  # the base copy has the weight's layout
             return
-        # a base copy saved before a memory-format change (the LCM-LoRA is fused before channels_last is set):
-        # copy_ converts the layout, a matrix view would not
         if base is not None:
             weight.copy_(base)
         w2d.addmm_(up, down, alpha=s)
