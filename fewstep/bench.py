@@ -181,7 +181,6 @@ def run_bench(args):
     from safetensors.torch import save_file
 
     from . import loading, speed
-    from .engine import Engine
     from .errors import RequestError
 
     dev = loading.resolve_device(args.device)
@@ -207,13 +206,9 @@ def run_bench(args):
     pristine = copy.deepcopy(parts) if ("diffusers-seed" in systems or own_tuned) else None
     reference_parts = copy.deepcopy(parts) if args.quality else None
     t0 = time.perf_counter()
-    comps = loading.place(parts, args.model or f"random-{args.arch}", args.arch, dev, dt)
-    engine = Engine(comps, dev, dt)
+    engine = _engine(parts, args.model or f"random-{args.arch}", args.arch, dev, dt, lora_file)
+    comps = engine.c
     engine.check_finite = weights == "real"  # random weights may overflow; speed does not care
-    from .lora import load_lora
-
-    load_lora(engine, str(lora_file), name="lcm")
-    engine.lcm_lora = "lcm"
     fuse_time = time.perf_counter() - t0
     # the prompt cache would skip fewstep's text encoder on repeated runs; diffusers has none, so it is off here
     tiny = None
@@ -303,7 +298,7 @@ def run_bench(args):
                                  unet_step_s=statistics.median(stages["unet"]) if stages["unet"] else None,
                                  unet_calls=len(stages["unet"]), decode_s=stages["decode"]))
     if args.quality:
-        _quality(rows, engine, reference_parts, str(lora_file), dev, size, args)
+        _quality(rows, engine, reference_parts, lora_file, size)
     for r in rows:
         ref = {x["system"]: x["seconds"] for x in rows if x["mode"] == r["mode"] and x["batch"] == r["batch"]}
         r["speedup_vs"] = {s: ref[s] / r["seconds"] for s in ref if s != r["system"]} if r["system"] == "fewstep" else {}
@@ -317,20 +312,28 @@ def run_bench(args):
     return 0
 
 
-def _quality(rows, engine, parts, lora_file, dev, size, args):
+def _engine(parts, path, name, dev, dtype, lora_file):
+    """An Engine over parts (placed on dev in dtype) with the benchmark's LCM-LoRA fused as "lcm"."""
+    from . import loading
+    from .engine import Engine
+    from .lora import load_lora
+
+    engine = Engine(loading.place(parts, path, name, dev, dtype), dev, dtype)
+    load_lora(engine, str(lora_file), name="lcm")
+    engine.lcm_lora = "lcm"
+    return engine
+
+
+def _quality(rows, engine, parts, lora_file, size):
     """psnr_vs_fp32 on fewstep's rows: its image against fp32 with channels_last, sub-pixel upsamplers, the tiny
     decoder, compile and CUDA graphs all off, same seed (the quality guard of the fast path at real size)."""
     import numpy as np
     import torch
 
-    from . import loading, speed
-    from .engine import Engine
-    from .lora import load_lora
+    from . import speed
 
-    ref = Engine(loading.place(parts, "reference", parts["arch"], dev, torch.float32), dev, torch.float32)
+    ref = _engine(parts, "reference", parts["arch"], engine.device, torch.float32, lora_file)
     ref.check_finite = False
-    load_lora(ref, lora_file, name="lcm")
-    ref.lcm_lora = "lcm"
     speed.apply(ref, speed.SpeedSettings(channels_last=False, decoder_channels_last=False, phase_upsample=False,
                                          prompt_cache=0, cudnn_benchmark=False))
     for r in rows:

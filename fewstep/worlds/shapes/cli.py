@@ -54,7 +54,7 @@ def cmd_shapes(args):
     import fewstep
 
     from .evaluate import EVAL_SEED
-    from .table import TEACHER_GUIDANCE, grid_image, markdown, run_table, standard_rows, targets, write
+    from .table import TEACHER_GUIDANCE, generations, grid_image, markdown, run_table, standard_rows, targets, write
 
     guidance = TEACHER_GUIDANCE if args.guidance is None else args.guidance
     engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=False)
@@ -69,9 +69,7 @@ def cmd_shapes(args):
     if not args.quiet:
         from tqdm import tqdm
 
-        refs = {(r.sampler, r.steps, r.guidance, r.lcm, r.outline) for r in rows}
-        refs |= {("euler", 50, guidance, 0.0, r.outline) for r in rows}
-        bar = tqdm(total=len(refs) * args.n, desc="eval shapes", unit="img", file=sys.stderr)
+        bar = tqdm(total=len(generations(rows, guidance)) * args.n, desc="eval shapes", unit="img", file=sys.stderr)
     log = logging.getLogger("fewstep")
     level = log.level
     log.setLevel(logging.ERROR)  # the rows' settings are deliberate: no per-request advice

@@ -64,12 +64,9 @@ def run_table(engine, rows, *, n=200, seed=EVAL_SEED, teacher_guidance=TEACHER_G
     """
     plain, outlined = eval_set(n, seed), eval_set(n, seed, outline=True)
     refs = {r: r.reference(teacher_guidance) for r in rows}
-    needed = list(dict.fromkeys(rows + list(refs.values())))
     images, seconds = {}, {}
-    for row in sorted(needed, key=lambda r: (r.lcm, r.outline)):  # few re-fusions
+    for row in sorted(generations(rows, teacher_guidance), key=lambda r: (r.lcm, r.outline)):  # few re-fusions
         key = _key(row)
-        if key in images:
-            continue
         engine.set_lora_weights({k: w for k, w in row.loras.items() if w or k in engine.loras})
         attrs, captions, seeds = outlined if row.outline else plain
         t0 = time.perf_counter()
@@ -86,6 +83,14 @@ def run_table(engine, rows, *, n=200, seed=EVAL_SEED, teacher_guidance=TEACHER_G
         metrics["seconds_per_image"] = seconds[_key(row)] / n
         results.append({**asdict(row), **metrics})
     return results, images
+
+
+def generations(rows, teacher_guidance=TEACHER_GUIDANCE):
+    """The distinct configurations that rows and their references generate, one Row each (n images per Row)."""
+    unique = {}
+    for row in rows + [r.reference(teacher_guidance) for r in rows]:
+        unique.setdefault(_key(row), row)
+    return list(unique.values())
 
 
 def _key(row):
