@@ -7,7 +7,6 @@ Usage: python3 benchmarks/gpu_probe.py [--arch sdxl]
 """
 
 import argparse
-import time
 
 import torch
 

@@ -5,8 +5,6 @@ x = sqrt(alpha) x0 + sqrt(1 - alpha) eps at UNet timestep t; `noise(like)` draws
 seeded order. Latents stay float32 here whatever dtype the UNet runs in.
 """
 
-import torch
-
 
 def lcm_boundary(t, timestep_scaling=10.0, sigma_data=0.5):
     """Consistency-model boundary scalings c_skip, c_out at timestep t (LCM, Luo et al. 2023, eq. 9 discretised)."""
