@@ -19,6 +19,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine two OpenMP threads per process can make
+    each op wait for a time slice (training steps measured 100x slower): modules that run many use one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fewstep_home(tmp_path_factory, monkeypatch):
     # the default model is built once per session into a temporary home, never into the user's cache

@@ -14,13 +14,7 @@ from tests.support.loras import ATTENTION, lora_targets, make_lora, random_facto
 PROMPT = "a toy_face man"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a shared machine OpenMP spin-waits make them several times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
 
 def pixels(image):

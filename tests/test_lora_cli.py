@@ -15,12 +15,7 @@ from fewstep.lora.prompt import adapters_for, split_tags
 from tests.support.loras import ATTENTION, lora_targets, make_lora, random_factors, text_targets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

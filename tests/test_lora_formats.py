@@ -19,12 +19,7 @@ EXPECTED_FORMAT = {"kohya": "kohya (diffusers block names)", "kohya-ldm": "kohya
                    "diffusers-old": "diffusers (old attention-processor layout)"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one thread
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
