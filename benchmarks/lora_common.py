@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from fewstep.lora.reference import TEXT, UNETS
+from fewstep.train.config import TARGETS as LORA_PRESETS
 
 # the LCM-LoRA recipe's targets: 278 modules on SD 1.5, 788 on SDXL (the published files' counts)
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-           "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+TARGETS = tuple(LORA_PRESETS["lcm"])
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -29,6 +29,12 @@ def environment(dtype):
         pass
     return dict(device="cpu", cpu=cpu, threads=torch.get_num_threads(), dtype=str(dtype).removeprefix("torch."),
                 torch=torch.__version__, commit=commit, load=os.getloadavg()[0])
+
+
+def header(env):
+    """The first line of a benchmark's table: where and how it ran."""
+    return (f"# {env['cpu']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}, commit {env['commit']}, "
+            f"load avg {env['load']:.1f}")
 
 
 def build_engine(arch, dtype, *, text=False, seed=0):

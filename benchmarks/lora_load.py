@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.lora_common import Timer, build_engine, environment, quiet, rss_gib, write_lora  # noqa: E402
+from benchmarks.lora_common import Timer, build_engine, environment, header, quiet, rss_gib, write_lora  # noqa: E402
 
 
 def checksums(unet):
@@ -70,8 +70,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"# {env['cpu']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}, commit {env['commit']}, "
-          f"load avg {env['load']:.1f}")
+    print(header(env))
     print(f"# {args.arch} UNet (random weights, built in {t_build.s:.0f}s); LoRA {size / 1e6:.1f} MB fp16, rank "
           f"{args.rank}, {report.modules} modules, {report.tensors} tensors")
     print(f"{'run':>3} {'attach s':>9} {'(read':>7} {'fuse)':>7} {'cpu s':>7} {'re-weight s':>12} {'cpu s':>7} "

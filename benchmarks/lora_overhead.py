@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.lora_common import ATTENTION, build_engine, environment, quiet, write_lora  # noqa: E402
+from benchmarks.lora_common import ATTENTION, build_engine, environment, header, quiet, write_lora  # noqa: E402
 
 
 def main(argv=None):
@@ -76,8 +76,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"# {env['cpu']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}, commit {env['commit']}, "
-          f"load avg {env['load']:.1f}")
+    print(header(env))
     print(f"# {args.arch} UNet (random weights), {args.size}x{args.size}, {args.steps} LCM steps, {args.runs} runs "
           "each, alternating")
     print(f"{'adapters':<22} {'step median s':>14} {'step min-max s':>16} {'generation median s':>20}")

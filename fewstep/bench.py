@@ -13,10 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+from .train.config import TARGETS
+
 NATIVE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "ssd1b": 1024}
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 PROMPT = "a photo of an astronaut riding a horse on the moon"
+LCM_TARGETS = tuple(TARGETS["lcm"])  # the LCM-LoRA recipe's key set, as the trainer uses it
 
 
 def add_parser(sub):
@@ -156,7 +157,7 @@ def lcm_lora_state_dict(unet, rank=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for name, m in unet.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LORA_TARGETS):
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LCM_TARGETS):
             w = m.weight
             key = "lora_unet_" + name.replace(".", "_")
             sd[f"{key}.lora_down.weight"] = (torch.randn((rank, *w.shape[1:]), generator=gen) * 1e-3).half()
