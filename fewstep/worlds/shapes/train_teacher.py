@@ -147,6 +147,23 @@ def plan_steps(now, measured_s, budget_s, hi):
     return now + int(max(1, min(hi, budget_s / max(measured_s, 1e-6))))
 
 
+class SpeedProbe:
+    """Seconds per step of a stage, measured between the PROBE steps counted from where the stage (re)starts."""
+
+    def __init__(self, device, start):
+        self.device, self.steps, self.t0 = device, [start + k for k in PROBE], None
+
+    def tick(self, step):
+        """Call after each step; returns the seconds per step once, after the probe's last step, else None."""
+        if step not in self.steps:
+            return None
+        sync(self.device)
+        if step == self.steps[0]:
+            self.t0 = time.monotonic()
+            return None
+        return (time.monotonic() - self.t0) / (self.steps[1] - self.steps[0])
+
+
 def tokenize(tokenizer, captions, device):
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
@@ -347,20 +364,15 @@ class Trainer:
                                      fused=self.device.type == "cuda")
         self._restore_opt()
         total = st["plan"].get("vae") or a.vae_steps or (None if a.minutes else 3000)
-        probe = [st["steps"]["vae"] + k for k in PROBE]
-        t_probe, t_stage = None, time.monotonic()
+        probe, t_stage = SpeedProbe(self.device, st["steps"]["vae"]), time.monotonic()
         while total is None or st["steps"]["vae"] < total:
             step = st["steps"]["vae"]
             if self.clock.left() < 0.5 * self.reserve():
                 return False
             loss, rec = self.vae_step(step, total or 10**9)
             st["steps"]["vae"] += 1
-            if total is None and step == probe[0]:
-                sync(self.device)
-                t_probe = time.monotonic()
-            if total is None and step == probe[1]:
-                sync(self.device)
-                per = (time.monotonic() - t_probe) / (probe[1] - probe[0])
+            per = probe.tick(step) if total is None else None
+            if per is not None:
                 budget = VAE_SHARE * 60.0 * a.minutes - (time.monotonic() - t_stage)
                 total = st["plan"]["vae"] = plan_steps(step + 1, per, budget, 20000)
                 log.info("vae: %.1f ms/step -> %d steps planned", per * 1e3, total)
@@ -508,8 +520,7 @@ class Trainer:
         self._restore_opt()
         first = st["plan"].get("unet_from", 0)  # where this segment's learning-rate schedule starts (--extend)
         total = st["plan"].get("unet") or (a.unet_steps if not first else None) or (None if a.minutes else 20000)
-        probe = [st["steps"]["unet"] + k for k in PROBE]
-        t_probe = None
+        probe = SpeedProbe(self.device, st["steps"]["unet"])
 
         def evals_at(total):
             return {first + int((total - first) * k / a.evals) for k in range(1, a.evals)}
@@ -525,12 +536,8 @@ class Trainer:
             acc_loss += torch.stack([eps_l, aux_l])
             n_acc += 1
             st["steps"]["unet"] += 1
-            if total is None and step == probe[0]:
-                sync(self.device)
-                t_probe = time.monotonic()
-            if total is None and step == probe[1]:
-                sync(self.device)
-                per = (time.monotonic() - t_probe) / (probe[1] - probe[0])
+            per = probe.tick(step) if total is None else None
+            if per is not None:
                 evals_s = (a.evals - 1) * self.eval_seconds_estimate(self.eval_n // 2)
                 # 3% for checkpoints and logging
                 budget = 0.97 * (self.clock.left() - self.reserve()) - evals_s
