@@ -195,20 +195,55 @@ def read_components(source, *, allow_pickle=False, dtype=torch.float32):
     return parts
 
 
+def vae_dtype(arch_name, vae, dtype, device):
+    """The dtype a VAE runs in for a model dtype: the SDXL VAE overflows in fp16 (black or NaN images), so it decodes
+    in bf16 where the device has it (fp32's range, half the cost), else fp32, unless its config says fp16 is safe (an
+    fp16-fixed VAE has force_upcast false)."""
+    if dtype == torch.float16 and arch.PRESETS[arch_name].xl and vae.config.get("force_upcast", False):
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return dtype
+
+
 def place(parts, source, name, device, dtype):
     """Components moved to the device in the dtype; the VAE kept in a dtype that does not overflow."""
     unet, vae = parts["unet"], parts["vae"]
     unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    # The SDXL VAE overflows in fp16 (black or NaN images): decode it in bf16 where the device has it (fp32's range,
-    # half the cost), else fp32, unless its config says fp16 is safe (an fp16-fixed VAE has force_upcast false).
-    vae_dtype = dtype
-    if dtype == torch.float16 and arch.PRESETS[parts["arch"]].xl and vae.config.get("force_upcast", False):
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        vae_dtype = torch.bfloat16 if bf16_ok else torch.float32
-    vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
+    vae.to(device=device, dtype=vae_dtype(parts["arch"], vae, dtype, device)).eval().requires_grad_(False)
     for enc in parts["text_encoders"]:
         enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for module in (unet, vae, *parts["text_encoders"]):
+        own_tensors(module)
     return Components(source=str(source), name=name, **parts)
+
+
+ALIGN = 64  # bytes: what PyTorch's CPU allocator gives every fresh tensor, and what vector GEMM kernels assume
+
+
+def own_tensors(module):
+    """Give every parameter and buffer its own contiguous, 64-byte-aligned storage; returns how many moved.
+
+    Loaders hand out views: safetensors tensors sit at arbitrary byte offsets of one memory-mapped file (diffusers,
+    transformers and the single-file path alike, each at different offsets), and converters leave transposed views
+    (OpenCLIP's text_projection). On some CPUs (AVX2, no AVX-512) oneDNN/MKL pick other kernels for unaligned or
+    strided operands, so the same weights loaded from a folder and from a single file gave images 1/255 apart.
+    Owned copies make the kernels depend on the weights' values only, and drop the file mapping.
+    """
+    done = {}  # id(old) -> new: a tensor shared by two modules (tied weights) stays shared
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for key, t in table.items():
+                if t is None or t.device.type != "cpu" or t.numel() == 0:
+                    continue
+                if id(t) not in done:
+                    if t.is_contiguous() and t.data_ptr() % ALIGN == 0:
+                        continue
+                    fresh = torch.empty(t.shape, dtype=t.dtype)
+                    fresh.copy_(t)
+                    done[id(t)] = (torch.nn.Parameter(fresh, requires_grad=t.requires_grad)
+                                   if isinstance(t, torch.nn.Parameter) else fresh)
+                table[key] = done[id(t)]
+    return len(done)
 
 
 def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False, **speed):

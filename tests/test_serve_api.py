@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from fewstep.images import read_parameters
 from fewstep.serve.config import ServeConfig
+from tests.support.images import assert_close_images
 from tests.support.serve import LiveServer, decode_png, default_engine
 
 SMALL = 32  # pixels: a multiple of the default model's latent factor (4), and quick
@@ -66,7 +67,7 @@ def test_openai_image_equals_the_engines_and_extension_fields_apply(served):
     assert params["negative_prompt"] == "green"
     ref = default_engine().generate("a blue square", seed=5, steps=2, guidance=1.5, negative_prompt="green",
                                     sampler="tcd", width=SMALL, height=SMALL).images[0]
-    assert np.array_equal(pixels(ours), pixels(ref))
+    assert_close_images(ours, ref)  # the server's path (batcher, its own request) vs the engine's: within 1/255
 
 
 def test_openai_loras_field_and_prompt_tags_pick_adapters(served):
@@ -130,7 +131,7 @@ def test_a1111_img2img(served):
         assert image.size == (40, 36)
         assert read_parameters(image.text["parameters"])["Denoising strength"] == "0.5"
     ref = default_engine().generate("a red square", init_image=init, strength=0.5, steps=4, seed=3).images[0]
-    assert np.array_equal(pixels(image), pixels(ref))
+    assert_close_images(image, ref)
 
 
 def test_what_clients_ask_first(served):

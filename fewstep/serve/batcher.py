@@ -1,8 +1,9 @@
 """Request batching: compatible requests share one UNet batch; one worker thread owns the engine.
 
 Requests are grouped by everything that must be equal inside one engine call (steps, guidance, sampler, size,
-negative prompt, adapter set, init image); prompts and seeds may differ, since the engine takes one seed per image
-and a batched image equals the image the same request gets alone. The oldest waiting request picks the next batch,
+negative prompt, adapter set, init image); prompts and seeds may differ, since the engine takes one seed per image:
+a batched image matches the image the same request gets alone to within 1/255 (the batch size changes the GEMM
+blocking, so the last bit moves; not bit for bit). The oldest waiting request picks the next batch,
 which waits at most `max_wait` for company; adapter sets are switched between batches, never during one.
 """
 
