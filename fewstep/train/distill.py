@@ -10,7 +10,8 @@ from ..denoiser import guidance_embedding
 from . import consistency as cm
 from .config import TrainError
 from .method import Method, cat_added
-from .models import DTYPES, adapters_disabled, ema_update, lcm_student, lora_student, save_lora, save_pipeline
+from .models import adapters_disabled, lcm_student, lora_student, save_lora, save_pipeline, torch_dtype
+from .toolbox import ema_update
 
 
 class Distill(Method):
@@ -18,7 +19,7 @@ class Distill(Method):
 
     def __init__(self, cfg, models, device, weight_dtype, autocast):
         super().__init__(cfg, models, device, weight_dtype, autocast)
-        if models.unet.config.get("time_cond_proj_dim") is not None:
+        if models.full_lcm:
             raise TrainError(f"{models.source} is already a full LCM (its UNet takes a guidance embedding): distil "
                              "from the model it was made from")
         n_train = self.noise.num_train_timesteps
@@ -90,7 +91,7 @@ class LcmLora(Distill):
         return nullcontext(self.student)
 
     def export(self, out, metadata):
-        return save_lora(self.student, out, dtype=DTYPES[self.cfg.save_dtype], metadata=metadata)
+        return save_lora(self.student, out, dtype=torch_dtype(self.cfg.save_dtype), metadata=metadata)
 
 
 class LcmFull(Distill):
@@ -129,4 +130,4 @@ class LcmFull(Distill):
         return self.ema
 
     def export(self, out, metadata):
-        return save_pipeline(self.models, self.ema, out, dtype=DTYPES[self.cfg.save_dtype])
+        return save_pipeline(self.models, self.ema, out, dtype=torch_dtype(self.cfg.save_dtype))

@@ -5,7 +5,8 @@ import torch
 
 from . import consistency as cm
 from .method import Method
-from .models import DTYPES, lora_student, save_lora
+from .models import lora_student, save_lora, torch_dtype
+from .toolbox import min_snr_weight
 
 
 def prediction_target(prediction_type, x0, noise, alpha):
@@ -41,12 +42,8 @@ class LoraFinetune(Method):
         target = prediction_target(self.noise.prediction_type, x0, noise, a)
         err = ((out - target) ** 2).mean(dim=(1, 2, 3))
         if self.cfg.snr_gamma:
-            # min-SNR weighting (Hang et al. 2023): min(snr, gamma) / snr for eps, / (snr + 1) for v
-            snr = a / (1 - a)
-            weight = snr.clamp(max=self.cfg.snr_gamma)
-            weight = weight / (snr + 1) if self.noise.prediction_type == "v_prediction" else weight / snr
-            err = err * weight
+            err = err * min_snr_weight(a, self.cfg.snr_gamma, self.noise.prediction_type)
         return err.mean()
 
     def export(self, out, metadata):
-        return save_lora(self.student, out, dtype=DTYPES[self.cfg.save_dtype], metadata=metadata)
+        return save_lora(self.student, out, dtype=torch_dtype(self.cfg.save_dtype), metadata=metadata)

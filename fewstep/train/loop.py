@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint
 from .config import TrainError, diff_trajectory
+from .toolbox import lr_schedule
 
 log = logging.getLogger("fewstep")
 
@@ -49,12 +50,7 @@ def make_accelerator(cfg):
 
 def lr_at(cfg, step):
     """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine to zero."""
-    if cfg.lr_warmup and step < cfg.lr_warmup:
-        return cfg.lr * (step + 1) / cfg.lr_warmup
-    if cfg.lr_schedule == "cosine":
-        done = (step - cfg.lr_warmup) / max(1, cfg.max_steps - cfg.lr_warmup)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-    return cfg.lr
+    return lr_schedule(step, base=cfg.lr, total=cfg.max_steps, warmup=cfg.lr_warmup, kind=cfg.lr_schedule)
 
 
 def record(cfg, acc, models):
@@ -79,12 +75,12 @@ def record(cfg, acc, models):
 def run(cfg, *, source=None):
     """Train as `cfg` says; returns the path of the result."""
     from .data import Loader, open_source
-    from .models import DTYPES, load_models, place_frozen
+    from .models import load_models, native_size, place_frozen, torch_dtype, vae_factor
 
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     out = Path(cfg.out)
-    weight_dtype = DTYPES[acc.mixed_precision]
+    weight_dtype = torch_dtype(acc.mixed_precision)
     device = acc.device
     found = checkpoint.find(out, cfg.resume)  # checked before the (slow) model load
     if not cfg.resume and checkpoint.checkpoints(out):
@@ -94,10 +90,10 @@ def run(cfg, *, source=None):
     torch.manual_seed(cfg.seed)  # the LoRA's initial A matrices (identical on every process)
     with acc.main_process_first():  # a hub download happens once, then the other processes read the cache
         models = load_models(cfg.model, allow_pickle=cfg.allow_pickle, vae=cfg.vae)
-    cfg = cfg.resolved(xl=models.preset.xl, native_size=models.native_size)
-    if cfg.resolution % models.vae_factor:
+    cfg = cfg.resolved(xl=models.preset.xl, native_size=native_size(models))
+    if cfg.resolution % vae_factor(models):
         raise TrainError(f"--resolution {cfg.resolution} is not a multiple of this model's latent factor "
-                         f"{models.vae_factor}")
+                         f"{vae_factor(models)}")
     if found is not None:
         changed = diff_trajectory(checkpoint.read_record(found), cfg.record())
         if changed:

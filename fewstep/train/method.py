@@ -8,6 +8,9 @@ same ones), the loss of this process's slice, what to update after an optimizer 
 import torch
 
 from .. import text
+from ..latents import to_unet
+from ..schedules import noise_schedule
+from .models import vae_factor
 
 
 class Method:
@@ -16,9 +19,9 @@ class Method:
     def __init__(self, cfg, models, device, weight_dtype, autocast):
         self.cfg, self.models, self.device, self.weight_dtype = cfg, models, device, weight_dtype
         self.autocast = autocast  # a context factory: mixed precision around UNet calls
-        self.noise = models.noise
+        self.noise = noise_schedule(models.scheduler_config)
         self.alphas = self.noise.alphas_cumprod.to(device)
-        self.latent_size = cfg.resolution // models.vae_factor
+        self.latent_size = cfg.resolution // vae_factor(models)
         self.latent_channels = models.vae.config.latent_channels
         self.uncond = None
 
@@ -60,9 +63,7 @@ class Method:
         """Scaled VAE latents, sampled from the posterior with our own noise (the run's generator, not torch's)."""
         vae = self.models.vae
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        x = dist.mean.float() + dist.std.float() * noise.to(self.device)
-        shift = vae.config.get("shift_factor") or 0.0
-        return (x - shift) * vae.config.scaling_factor
+        return to_unet(vae, dist.mean.float() + dist.std.float() * noise.to(self.device))
 
     @torch.no_grad()
     def conditioning(self, batch):
@@ -70,7 +71,7 @@ class Method:
         m = self.models
         states, pooled = text.encode(m.tokenizers, m.text_encoders, batch.captions, self.device)
         added = None
-        if m.added_conditions:
+        if m.unet.config.get("addition_embed_type") == "text_time":  # SDXL's pooled text and size/crop ids
             added = {"text_embeds": pooled, "time_ids": batch.time_ids.to(self.device, pooled.dtype)}
         return states, added
 
@@ -80,7 +81,7 @@ class Method:
         pipelines and the reference script do), else the embedding of "" (computed once)."""
         m = self.models
         n = states.shape[0]
-        if m.preset.xl and m.force_zeros_for_empty_prompt:
+        if zeros_for_empty_prompt(m):
             u_added = None if added is None else {"text_embeds": torch.zeros_like(added["text_embeds"]),
                                                   "time_ids": added["time_ids"]}
             return torch.zeros_like(states), u_added
@@ -96,6 +97,12 @@ class Method:
         with self.autocast():
             return model(x, t, encoder_hidden_states=states, timestep_cond=tcond, added_cond_kwargs=added,
                          return_dict=False)[0].float()
+
+
+def zeros_for_empty_prompt(c):
+    """True where the empty prompt is encoded as zeros (SDXL-type models whose pipelines say so): the engine's rule
+    for an empty negative prompt, which the teacher's unconditional input follows."""
+    return c.preset.xl and c.force_zeros_for_empty_prompt
 
 
 def cat_added(a, b):

@@ -2,76 +2,48 @@
 peft (diffusers' own adapter integration), and the exports: kohya-layout LoRA files and diffusers model folders."""
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import arch as archs
-from ..loading import read_components
-from ..schedules import noise_schedule
+from ..errors import LoadError
+from ..loading import DTYPES, Components, read_components, vae_dtype
+from ..sources import resolve
 from .config import TrainError
 
-DTYPES = {"no": torch.float32, None: torch.float32, "fp32": torch.float32, "fp16": torch.float16,
-          "bf16": torch.bfloat16}
+
+def torch_dtype(name):
+    """A precision name as a torch dtype: accelerate's "no" (or None) is float32, the rest are loading's names."""
+    return torch.float32 if name in (None, "no") else DTYPES[name]
 
 
-@dataclass
-class Models:
-    """The frozen parts of a model and its UNet (still float32 on the CPU until a method places it)."""
+def vae_factor(c):
+    """Pixels per latent cell of these Components' VAE."""
+    return 2 ** (len(c.vae.config.block_out_channels) - 1)
 
-    arch: str
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoders: list
-    tokenizers: list
-    scheduler_config: dict
-    force_zeros_for_empty_prompt: bool
-    source: str
 
-    @property
-    def preset(self):
-        return archs.PRESETS[self.arch]
-
-    @property
-    def noise(self):
-        return noise_schedule(self.scheduler_config)
-
-    @property
-    def vae_factor(self):
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self):
-        return self.unet.config.sample_size * self.vae_factor
-
-    @property
-    def added_conditions(self):
-        """True when the UNet takes SDXL's pooled text and size/crop ids."""
-        return self.unet.config.get("addition_embed_type") == "text_time"
+def native_size(c):
+    return c.unet.config.sample_size * vae_factor(c)
 
 
 def load_models(source, *, allow_pickle=False, vae=None):
-    """Models of a diffusers folder, single-file checkpoint or hub id, in float32 on the CPU."""
+    """Components of a diffusers folder, single-file checkpoint or hub id, in float32 on the CPU."""
     parts = read_components(source, allow_pickle=allow_pickle, dtype=torch.float32)
     if vae is not None:
         parts["vae"] = load_vae(vae)
-    return Models(parts["arch"], parts["unet"], parts["vae"], parts["text_encoders"], parts["tokenizers"],
-                  parts["scheduler_config"], parts.get("force_zeros_for_empty_prompt", False), str(source))
+    return Components(source=str(source), name=Path(str(source)).name, **parts)
 
 
 def load_vae(source):
     """An AutoencoderKL from a VAE folder (config.json + weights), a model folder's vae/ or a hub id."""
     from diffusers import AutoencoderKL
 
-    from ..loading import HUB_ID, hub_snapshot
-
-    path = Path(str(source)).expanduser()
-    if not path.exists():
-        if not HUB_ID.match(str(source)):
-            raise TrainError(f"--vae {source}: not found (give a VAE folder or a hub id)")
-        path = hub_snapshot(str(source), patterns=["config.json", "diffusion_pytorch_model*.safetensors",
-                                                   "vae/config.json", "vae/diffusion_pytorch_model*.safetensors"])
+    try:
+        path = resolve(source, what="--vae", expect="a VAE folder or a hub id",
+                       patterns=["config.json", "diffusion_pytorch_model*.safetensors", "vae/config.json",
+                                 "vae/diffusion_pytorch_model*.safetensors"])
+    except LoadError as e:
+        raise TrainError(str(e)) from None
     sub = "vae" if (path / "vae" / "config.json").is_file() else None
     try:
         return AutoencoderKL.from_pretrained(str(path), subfolder=sub, use_safetensors=True)
@@ -80,14 +52,17 @@ def load_vae(source):
 
 
 def place_frozen(models, device, weight_dtype, *, custom_vae=False):
-    """Text encoders and VAE on the device, frozen, in the compute dtype; a VAE that overflows in fp16 (SDXL's,
-    force_upcast) stays float32 unless a fixed VAE was given (--vae madebyollin/sdxl-vae-fp16-fix)."""
+    """Text encoders and VAE on the device, frozen, in the compute dtype, but the VAE in float32 where the
+    engine's rule (loading.vae_dtype) would not run it in fp16."""
     for enc in models.text_encoders:
         enc.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
-    vae_dtype = weight_dtype
-    if weight_dtype == torch.float16 and models.vae.config.get("force_upcast", False) and not custom_vae:
-        vae_dtype = torch.float32
-    models.vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
+    # A deliberate choice, not another rule: training only encodes (once per image), so float32 costs little where
+    # the engine would upcast, and an overflow there is a NaN loss rather than one bad image (diffusers' LCM
+    # scripts keep the VAE in float32 too). A --vae the user picked (an fp16-fixed one) runs as given.
+    vae_dt = weight_dtype
+    if not custom_vae and vae_dtype(models.arch, models.vae, weight_dtype, device) != weight_dtype:
+        vae_dt = torch.float32
+    models.vae.to(device=device, dtype=vae_dt).eval().requires_grad_(False)
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------
@@ -177,13 +152,6 @@ def lcm_student(teacher_unet, time_cond_proj_dim):
     with torch.no_grad():
         student.time_embedding.cond_proj.weight.zero_()
     return student
-
-
-@torch.no_grad()
-def ema_update(target, source, decay):
-    """target <- decay * target + (1 - decay) * source, parameter by parameter (LCM's target network)."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
 
 
 def save_pipeline(models, unet, out, *, dtype):
