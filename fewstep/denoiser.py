@@ -13,6 +13,8 @@ def to_x0_eps(out, x, alpha, prediction_type):
         return (x - b * out) / a, out
     if prediction_type == "v_prediction":
         return a * x - b * out, a * out + b * x
+    if prediction_type == "sample":
+        return out, (x - a * out) / b
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 

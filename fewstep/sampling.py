@@ -15,7 +15,7 @@ def lcm_boundary(t, timestep_scaling=10.0, sigma_data=0.5):
 
 
 def sample_lcm(denoise, latents, schedule, *, noise, callback=None, timestep_scaling=10.0):
-    """Multistep latent consistency sampling (LCM, Luo et al. 2023, Algorithm 3)."""
+    """Multistep latent consistency sampling (LCM, Luo et al. 2023, Algorithm 3); n steps call noise() n - 1 times."""
     x = latents
     n = len(schedule)
     for i in range(n):
@@ -34,7 +34,7 @@ def sample_lcm(denoise, latents, schedule, *, noise, callback=None, timestep_sca
 
 
 def sample_tcd(denoise, latents, schedule, *, noise, callback=None):
-    """Trajectory consistency distillation sampling with stochastic gamma (TCD, Zheng et al. 2024, Algorithm 4)."""
+    """Trajectory consistency sampling (TCD, Zheng et al. 2024, Alg. 4); n steps: n - 1 noise() calls if gamma > 0."""
     x = latents
     n = len(schedule)
     for i in range(n):
@@ -53,7 +53,7 @@ def sample_tcd(denoise, latents, schedule, *, noise, callback=None):
 
 
 def sample_euler(denoise, latents, schedule, *, noise=None, callback=None):
-    """Euler method on the probability-flow ODE in sigma space (Karras et al. 2022, Algorithm 1 without churn)."""
+    """Euler on the probability-flow ODE in sigma space (Karras et al. 2022, Alg. 1, no churn); 0 noise() calls."""
     x = latents  # sigma-space latent: x = x0 + sigma * eps
     for i in range(len(schedule)):
         t, sigma, a = schedule.timesteps[i], schedule.sigmas[i], schedule.alphas[i]
@@ -64,12 +64,58 @@ def sample_euler(denoise, latents, schedule, *, noise=None, callback=None):
     return x
 
 
-SAMPLERS = {"lcm": sample_lcm, "tcd": sample_tcd, "euler": sample_euler}
+def sample_euler_ancestral(denoise, latents, schedule, *, noise, callback=None):
+    """Euler ancestral in sigma space (k-diffusion's sample_euler_ancestral, eta 1); n steps: n noise() calls."""
+    x = latents  # sigma-space latent, as sample_euler
+    for i in range(len(schedule)):
+        t, sigma, sigma_to, a = schedule.timesteps[i], schedule.sigmas[i], schedule.sigmas[i + 1], schedule.alphas[i]
+        x0, _ = denoise(x * a.sqrt(), t, a)
+        # split the step to sigma_to into a deterministic part down to sigma_down and fresh noise of std sigma_up,
+        # in diffusers' EulerAncestralDiscreteScheduler's order of operations
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        # drawn on the last step too, where sigma_up is 0: diffusers draws there, so the seeded order stays the same
+        x = x + noise(x) * sigma_up
+        if callback:
+            callback(i, t, x)
+    return x
+
+
+def sample_ddim(denoise, latents, schedule, *, noise=None, callback=None):
+    """Deterministic DDIM sampling, eta = 0 (Song et al. 2020, eq. 12); calls noise() 0 times."""
+    x = latents
+    for i in range(len(schedule)):
+        t, a_next = schedule.timesteps[i], schedule.alphas_next[i]
+        x0, eps = denoise(x, t, schedule.alphas[i])
+        if schedule.clip_range is not None:
+            # as diffusers (use_clipped_model_output False): only x0 is clamped, eps stays the model's
+            x0 = x0.clamp(-schedule.clip_range, schedule.clip_range)
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        if callback:
+            callback(i, t, x)
+    return x
+
+
+SAMPLERS = {"lcm": sample_lcm, "tcd": sample_tcd, "euler": sample_euler, "euler_a": sample_euler_ancestral,
+            "ddim": sample_ddim}
+
+
+def noise_draws(sampler_name, steps, gamma=0.0):
+    """How many times SAMPLERS[sampler_name] calls noise() over `steps` run steps (len(schedule) after img2img)."""
+    if sampler_name not in SAMPLERS:
+        raise KeyError(sampler_name)
+    if sampler_name == "euler_a":
+        return steps
+    if sampler_name == "lcm" or (sampler_name == "tcd" and gamma > 0):
+        return max(steps - 1, 0)
+    return 0
 
 
 def add_noise(sampler, clean, unit_noise, schedule):
     """The starting latent of image-to-image: the clean latent noised to the schedule's first step."""
-    if sampler == "euler":
+    # by the schedule, not the sampler's name: every sigma-space sampler (euler, euler_a) has sigmas
+    if schedule.sigmas is not None:
         return clean + unit_noise * schedule.sigmas[0]
     a = schedule.alphas[0]
     return a.sqrt() * clean + (1 - a).sqrt() * unit_noise

@@ -1,6 +1,6 @@
 """Noise and timestep schedules as pure functions returning tensors (diffusers' scheduler configs as input)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -11,7 +11,9 @@ from .errors import RequestError
 DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, original_inference_steps=50,
                 timestep_scaling=10.0, rescale_betas_zero_snr=False, interpolation_type="linear",
-                use_karras_sigmas=False)
+                use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=False)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class NoiseSchedule:
     timestep_spacing: str = "leading"
     steps_offset: int = 1
     interpolation_type: str = "linear"
+    clip_sample: bool = False  # DDIM: clamp the predicted x0 to +-clip_sample_range
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = False  # DDIM: alpha_bar past the first timestep is 1.0, else alphas_cumprod[0]
 
     @property
     def num_train_timesteps(self):
@@ -47,11 +52,13 @@ def noise_schedule(config=None):
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     if cfg["rescale_betas_zero_snr"]:
         alphas_cumprod = _zero_terminal_snr(alphas_cumprod)
-    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise RequestError(f"unsupported prediction_type {cfg['prediction_type']!r} (epsilon and v_prediction are)")
+    if cfg["prediction_type"] not in PREDICTION_TYPES:
+        raise RequestError(f"unsupported prediction_type {cfg['prediction_type']!r} "
+                           f"({', '.join(PREDICTION_TYPES)} are)")
     return NoiseSchedule(alphas_cumprod, cfg["prediction_type"], float(cfg["timestep_scaling"]),
                          int(cfg["original_inference_steps"]), cfg["timestep_spacing"], int(cfg["steps_offset"]),
-                         cfg["interpolation_type"])
+                         cfg["interpolation_type"], bool(cfg["clip_sample"]), float(cfg["clip_sample_range"]),
+                         bool(cfg["set_alpha_to_one"]))
 
 
 def _zero_terminal_snr(alphas_cumprod):
@@ -75,14 +82,15 @@ class Schedule:
     sigmas: torch.Tensor | None = None  # Euler: n + 1 sigmas ending in 0
     gamma: float = 0.0
     init_sigma: float = 1.0  # scale of the unit noise that starts text-to-image
+    clip_range: float | None = None  # DDIM: clamp x0 to +-clip_range (the config's clip_sample); None: no clamp
 
     def __len__(self):
         return len(self.timesteps)
 
     def to(self, device):
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Schedule(move(self.timesteps), move(self.alphas), move(self.alphas_next), move(self.alphas_s),
-                        move(self.sigmas), self.gamma, self.init_sigma)
+        # every tensor field moves, so a field added later cannot be left behind on the CPU
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def consistency_timesteps(ns, steps=None, *, original_steps=None, timesteps=None, strength=1.0):
@@ -141,24 +149,42 @@ def tcd_schedule(ns, steps=None, *, gamma=0.3, original_steps=None, timesteps=No
     return Schedule(torch.tensor(ts, dtype=torch.long), ac[ts], ac[nxt], alphas_s=ac[s], gamma=float(gamma))
 
 
-def euler_schedule(ns, steps, *, strength=1.0):
-    """Schedule for sample_euler, as diffusers' EulerDiscreteScheduler with the model's config (img2img slices it)."""
-    if steps < 1:
-        raise RequestError(f"steps must be at least 1, got {steps}")
+def spaced_timesteps(ns, steps, spacing=None, *, integer):
+    """Inference timesteps as diffusers' set_timesteps picks them: DDIMScheduler (integer) or EulerDiscreteScheduler."""
+    spacing = spacing or ns.timestep_spacing
     n_train = ns.num_train_timesteps
-    if steps > n_train:
-        raise RequestError(f"steps must be at most {n_train}, got {steps}")
-
-    if ns.timestep_spacing == "linspace":
-        ts = np.linspace(0, n_train - 1, steps, dtype=np.float64)[::-1].astype(np.float32)
-    elif ns.timestep_spacing == "leading":
-        ratio = n_train // steps
-        ts = (np.arange(0, steps) * ratio).round()[::-1].astype(np.float32) + ns.steps_offset
-    elif ns.timestep_spacing == "trailing":
-        ratio = n_train / steps
-        ts = np.arange(n_train, 0, -ratio).round().astype(np.float32) - 1
+    if not 1 <= steps <= n_train:
+        raise RequestError(f"steps must be in 1..{n_train}, got {steps}")
+    if spacing == "linspace":
+        ts = np.linspace(0, n_train - 1, steps)[::-1]
+        ts = ts.round() if integer else ts  # DDIM rounds to integers; Euler keeps the fractions and interpolates
+    elif spacing == "leading":
+        ts = (np.arange(0, steps) * (n_train // steps)).round()[::-1] + ns.steps_offset
+    elif spacing == "trailing":
+        # float step and arange as diffusers: a step count that does not divide n_train rounds exactly as theirs
+        ts = np.round(np.arange(n_train, 0, -n_train / steps)) - 1
     else:
-        raise RequestError(f"unsupported timestep_spacing {ns.timestep_spacing!r} in the scheduler config")
+        raise RequestError(f"unsupported timestep_spacing {spacing!r} ({', '.join(SPACINGS)} are)")
+    return ts.astype(np.int64 if integer else np.float32)
+
+
+def img2img_start(steps, strength, sampler):
+    """Index of the first step img2img runs, as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps."""
+    keep = min(int(steps * strength), steps)
+    if keep < 1:
+        raise RequestError(f"strength {strength} with {steps} {sampler} steps runs no step: steps x strength must "
+                           f"be at least 1 (raise strength or steps)")
+    return steps - keep
+
+
+def euler_schedule(ns, steps, *, strength=1.0, spacing=None):
+    """Schedule for sample_euler / sample_euler_ancestral, as diffusers' EulerDiscreteScheduler (img2img slices it).
+
+    spacing overrides the config's timestep_spacing (SDXL-Lightning and SD-Turbo need "trailing").
+    """
+    spacing = spacing or ns.timestep_spacing
+    n_train = ns.num_train_timesteps
+    ts = spaced_timesteps(ns, steps, spacing, integer=False)
     all_sigmas = (((1 - ns.alphas_cumprod) / ns.alphas_cumprod) ** 0.5).numpy()
     if ns.interpolation_type == "log_linear":
         sig = np.exp(np.interp(ts, np.arange(n_train), np.log(all_sigmas)))
@@ -166,12 +192,27 @@ def euler_schedule(ns, steps, *, strength=1.0):
         sig = np.interp(ts, np.arange(n_train), all_sigmas)
     sigmas = torch.cat([torch.from_numpy(np.asarray(sig)).float(), torch.zeros(1)])
     sigma_max = float(sigmas.max())
-    init = sigma_max if ns.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    init = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
     timesteps = torch.from_numpy(ts.copy()).float()
-    # img2img as diffusers' StableDiffusionImg2ImgPipeline: run the last int(steps * strength) steps
-    keep = min(int(steps * strength), steps)
-    if keep < 1:
-        raise RequestError(f"strength {strength} with {steps} Euler steps runs no step: raise strength or steps")
-    start = steps - keep
+    start = img2img_start(steps, strength, "Euler")
     alphas = 1.0 / (1.0 + sigmas[:-1] ** 2)
     return Schedule(timesteps[start:], alphas[start:], alphas[start:], sigmas=sigmas[start:], init_sigma=init)
+
+
+def ddim_schedule(ns, steps, *, spacing=None, strength=1.0):
+    """Schedule for sample_ddim, as diffusers' DDIMScheduler: alpha_bar at t and at t - n_train // steps."""
+    n_train = ns.num_train_timesteps
+    ts = spaced_timesteps(ns, steps, spacing, integer=True)
+    if ts[0] >= n_train:
+        raise RequestError(f"{steps} leading steps with steps_offset {ns.steps_offset} reach timestep {ts[0]}, past "
+                           f"the model's last ({n_train - 1}): use fewer steps")
+    ac = ns.alphas_cumprod
+    # as diffusers: the previous timestep is t - n_train // steps, which for trailing and linspace spacing is not
+    # always the next timestep in the list; before timestep 0 it is the "final" alpha_bar
+    prev = torch.from_numpy(ts - n_train // steps)
+    final = torch.tensor(1.0) if ns.set_alpha_to_one else ac[0]
+    alphas_next = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
+    start = img2img_start(steps, strength, "DDIM")
+    timesteps = torch.from_numpy(ts.copy())
+    return Schedule(timesteps[start:], ac[timesteps][start:], alphas_next[start:],
+                    clip_range=ns.clip_sample_range if ns.clip_sample else None)
