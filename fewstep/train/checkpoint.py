@@ -1,12 +1,14 @@
 """Checkpoints that survive kill -9: written to a temporary folder and renamed into place, so a checkpoint either
 exists whole or not at all. They hold what the run needs to continue exactly: the trainable parameters, the
-optimizer, the generator of the random draws, the grad scaler, the step and the data position."""
+optimizer, the generator of the random draws, the grad scaler, the step and the data position. Nothing in them is a
+pickle: tensors are safetensors, the optimizer state is read with torch.load(weights_only=True), the rest is JSON.
+Every fewstep trainer writes these (the distillation and LoRA methods, the shapes teacher)."""
 
 import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,16 +25,19 @@ class Resumed:
     position: int
     record: dict  # the settings the checkpoint was written with
     path: Path
+    extra: dict = field(default_factory=dict)  # the extra tensors (an EMA network...)
+    info: dict | None = None  # the JSON progress state a trainer saved besides step and position
 
 
 def folder(out):
     return Path(out) / "checkpoints"
 
 
-def save(out, *, step, position, params, optimizer, generator, scaler=None, extra=None, record=None, keep=3,
-         also=None):
+def save(out, *, step, position, params, optimizer, generator, scaler=None, extra=None, record=None, info=None,
+         keep=3, also=None):
     """Write checkpoint `step` atomically and keep the newest `keep`; returns its path.
 
+    optimizer: None between stages that own their optimizers; info: JSON-able progress of the trainer (kept as is);
     also: a callable(folder) that adds files (the LoRA methods put a loadable LoRA file there)."""
     root = folder(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -44,10 +49,13 @@ def save(out, *, step, position, params, optimizer, generator, scaler=None, extr
                for k, v in params.items()}, str(tmp / "trainable.safetensors"))
     if extra:
         save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
     state = dict(step=step, position=position, scaler=scaler.state_dict() if scaler is not None else None,
                  config=record or {})
+    if info is not None:
+        state["info"] = info
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if also is not None:
         also(tmp)
@@ -104,16 +112,35 @@ def read_record(path):
         raise TrainError(f"checkpoint {path} is unreadable: {e}") from None
 
 
+def _unreadable(path, e):
+    return TrainError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0]}")
+
+
+def optimizer_state(path):
+    """The optimizer state a checkpoint holds (weights only: no pickled objects), or None when it has none."""
+    file = Path(path) / "optimizer.pt"
+    if not file.is_file():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _unreadable(path, e) from None
+
+
 def load(path, *, params, optimizer, generator, scaler=None):
-    """Restore a checkpoint into live objects; returns Resumed (and the extra tensors via .extra)."""
+    """Restore a checkpoint into live objects; returns Resumed. optimizer None: restore it later (optimizer_state)."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "trainable.safetensors"))
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         gen_state = load_file(str(path / "rng.safetensors"))["generator"]
+        extra = path / "extra.safetensors"
+        extra = load_file(str(extra)) if extra.is_file() else {}
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise TrainError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0]}") from None
+        raise _unreadable(path, e) from None
+    opt_state = optimizer_state(path) if optimizer is not None else None
+    if optimizer is not None and opt_state is None:
+        raise TrainError(f"checkpoint {path} is unreadable: it has no optimizer.pt")
     missing = set(params) - set(tensors)
     unexpected = set(tensors) - set(params)
     if missing or unexpected:
@@ -123,11 +150,9 @@ def load(path, *, params, optimizer, generator, scaler=None):
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(opt_state)
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
     generator.set_state(gen_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    resumed = Resumed(int(state["step"]), int(state["position"]), state.get("config", {}), path)
-    extra = path / "extra.safetensors"
-    resumed.extra = load_file(str(extra)) if extra.is_file() else {}
-    return resumed
+    return Resumed(int(state["step"]), int(state["position"]), state.get("config", {}), path, extra, state.get("info"))

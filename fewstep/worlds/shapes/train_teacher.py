@@ -2,7 +2,7 @@
 
     python3 -m fewstep.worlds.shapes.train_teacher --out runs/teacher --device cuda --minutes 6
 
-Stages, each resumable from <out>/ckpt.pt (rerun the same command to continue; --fresh starts over):
+Stages, each resumable from <out>/checkpoints/ (rerun the same command to continue; --fresh starts over):
 1. vae:  AutoencoderKL on every image of the world (840 filled + 840 outlined, pre-rendered once, on the device):
          L1 + MSE reconstruction and a small KL; then its latent scaling factor (1 / std, as SD's 0.18215).
 2. text: the CLIP text encoder learns to parse captions: linear heads read colour, shape, position, background and
@@ -12,7 +12,8 @@ Stages, each resumable from <out>/ckpt.pt (rerun the same command to continue; -
          the UNet and the text encoder together, the parse heads kept as a small auxiliary loss; EMA weights are
          evaluated: fewstep's engine generates fixed captions (Euler, 25 steps) and the detectors score them.
 Outputs in --out: model/ (StableDiffusionPipeline folder, fp16 safetensors, EMA weights), train.log,
-accuracy.json (every evaluation, the plan and the command), samples.png, ckpt.pt (resume state).
+accuracy.json (every evaluation, the plan and the command), samples.png, checkpoints/ (the resume state, in the
+trainer's format: fewstep.train.checkpoint).
 
 With --minutes, step counts are planned from the measured speed (logged, with a command that reproduces the run
 without a time budget); without it they come from --vae-steps / --unet-steps. A budget that ends inside the UNet
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -34,6 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...errors import FewstepError
+from ...train import checkpoint
+from ...train.config import TrainError
+from ...train.toolbox import ema_update, lr_schedule, min_snr_weight
 from . import teacher as tarch
 from .detect import detect
 from .evaluate import EVAL_SEED, evaluate, mistakes
@@ -58,7 +64,7 @@ HEADS = (("color", COLORS), ("shape", SHAPES), ("position", tuple(POSITIONS)), (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python3 -m fewstep.worlds.shapes.train_teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (model/, train.log, accuracy.json, ckpt.pt)")
+    p.add_argument("--out", required=True, help="output folder (model/, train.log, accuracy.json, checkpoints/)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-clock budget of this invocation, start-up to saved model; steps are planned to fit")
@@ -83,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto",
                    help="autocast dtype for training (auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--ckpt", default=None, help="checkpoint path (default <out>/ckpt.pt; ~150 MB)")
+    p.add_argument("--ckpt", default=None, help="folder whose checkpoints/ holds the resume state (default --out; "
+                                                "~150 MB)")
     p.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--extend", action="store_true",
@@ -116,21 +123,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def lr_at(step, total, base, warmup):
+def set_lr(opt, step, total, base, warmup):
     """Linear warm-up, then cosine decay to 10% of base at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def set_lr(opt, lr):
+    lr = lr_schedule(step, base=base, total=total, warmup=warmup, floor=0.1)
     for g in opt.param_groups:
         g["lr"] = lr
-
-
-def ema_update(ema_params, params, decay):
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
 def images_tensor(attrs, size, device):
@@ -198,7 +195,7 @@ class Trainer:
     def __init__(self, args, start=None):
         self.args = args
         self.out = Path(args.out)
-        self.ckpt_path = Path(args.ckpt) if args.ckpt else self.out / "ckpt.pt"
+        self.ckpt_root = Path(args.ckpt) if args.ckpt else self.out  # checkpoints in <root>/checkpoints/
         from ...loading import resolve_device
         from ...tokenizers import bundled_tokenizer
 
@@ -230,6 +227,8 @@ class Trainer:
                           history=[], results={}, scaling_factor=None, invocations=[])
         self.opt = None
         self.ema = None
+        self._resume = None  # the checkpoint resumed from, until its optimizer and EMA state are restored
+        self._stale = []  # checkpoints of an earlier run that --fresh replaces
         self.last_ckpt = time.monotonic()
 
         filled, outlined = all_attributes(False), all_attributes(True)
@@ -240,51 +239,70 @@ class Trainer:
         self.labels = label_tensor(self.all_attrs, self.device)
         self.empty_ids = tokenize(self.tokenizer, [""], self.device)
 
-    # ---- checkpoints ----------------------------------------------------------------------------------------------
+    # ---- checkpoints: fewstep.train.checkpoint's (safetensors, weights-only optimizer state, written atomically) --
+    def networks(self):
+        """{name: tensor} of the trained networks' states (views: a checkpoint loads into them in place)."""
+        return {f"{name}.{k}": v for name in ("vae", "te", "unet", "heads")
+                for k, v in getattr(self, name).state_dict().items()}
+
+    def ema_named(self):
+        return {f"ema.{name}.{k}": p for name in ("te", "unet")
+                for k, p in getattr(self, f"ema_{name}").named_parameters()}
+
+    def record(self):
+        """What a checkpoint must have been made with to be resumed here (as its JSON reads back: lists, not tuples)."""
+        return json.loads(json.dumps(dict(config=asdict(self.cfg), seed=self.args.seed)))
+
     def save_ckpt(self):
         done = self.state["stage"] == "done"  # then no optimizer state: half the size, and --extend starts afresh
-        payload = dict(state=self.state, config=asdict(self.cfg), seed=self.args.seed, vae=self.vae.state_dict(),
-                       te=self.te.state_dict(), unet=self.unet.state_dict(), heads=self.heads.state_dict(),
-                       opt=self.opt.state_dict() if self.opt and not done else None,
-                       ema=[p.detach().cpu() for p in self.ema] if self.ema else None,
-                       rng=torch.get_rng_state(),
-                       cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(self.ckpt_path)
+        extra = dict(self.ema_named()) if self.ema is not None else {}
+        if self.device.type == "cuda":
+            extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for path in self._stale:  # before saving: the newest step number is what a checkpoint folder keeps
+            shutil.rmtree(path, ignore_errors=True)
+        self._stale = []
+        # the step counts every stage's steps, so that a later checkpoint always has a higher number
+        path = checkpoint.save(self.ckpt_root, step=sum(self.state["steps"].values()), position=0,
+                               params=self.networks(), optimizer=None if done else self.opt,
+                               generator=torch.default_generator, extra=extra, record=self.record(), info=self.state,
+                               keep=1)
         self.last_ckpt = time.monotonic()
-        log.info("checkpoint %s (stage %s, steps %s)", self.ckpt_path, self.state["stage"], self.state["steps"])
+        log.info("checkpoint %s (stage %s, steps %s)", path, self.state["stage"], self.state["steps"])
 
     def maybe_ckpt(self):
         if time.monotonic() - self.last_ckpt > self.args.ckpt_every:
             self.save_ckpt()
 
     def load_ckpt(self):
-        if self.args.fresh or not self.ckpt_path.exists():
+        found = checkpoint.find(self.ckpt_root, "latest")
+        if found is None:
             return False
-        ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        if ck["config"] != asdict(self.cfg) or ck["seed"] != self.args.seed:
-            raise SystemExit(f"{self.ckpt_path} was made with another seed or size ({ck['seed']}, "
-                             f"{ck['config']['size']}): use another --out, or --fresh to start over")
-        self.state = ck["state"]
-        for name in ("vae", "te", "unet", "heads"):
-            getattr(self, name).load_state_dict(ck[name])
-        torch.set_rng_state(ck["rng"])
-        if ck.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
+        if self.args.fresh:
+            self._stale = checkpoint.checkpoints(self.ckpt_root)
+            return False
+        saved = checkpoint.read_record(found)
+        if saved != self.record():
+            raise TrainError(f"{found} was made with another seed or size ({saved.get('seed')}, "
+                             f"{saved.get('config', {}).get('size')}): use another --out, or --fresh to start over")
+        res = checkpoint.load(found, params=self.networks(), optimizer=None, generator=torch.default_generator)
+        if res.info is None:
+            raise TrainError(f"{found} is not a shapes-teacher checkpoint: use another --out, or --fresh")
+        self.state = res.info
+        if "rng.cuda" in res.extra and self.device.type == "cuda":
+            torch.cuda.set_rng_state(res.extra["rng.cuda"], self.device)
         if self.state["scaling_factor"] is not None:
             self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
-        self._resume = ck
-        log.info("resumed from %s: stage %s, steps %s", self.ckpt_path, self.state["stage"], self.state["steps"])
+        self._resume = res
+        log.info("resumed from %s: stage %s, steps %s", found, self.state["stage"], self.state["steps"])
         return True
 
     def _restore_opt(self):
-        ck = getattr(self, "_resume", None)
-        if ck is None:
+        """The resumed stage's optimizer state (a checkpoint holds only the optimizer of the stage it was in)."""
+        if self._resume is None:
             return
-        if ck.get("opt") is not None and ck["state"]["stage"] == self.state["stage"]:
-            self.opt.load_state_dict(ck["opt"])
+        opt_state = checkpoint.optimizer_state(self._resume.path)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
         self._resume = None
 
     # ---- the run --------------------------------------------------------------------------------------------------
@@ -293,10 +311,10 @@ class Trainer:
         st = self.state
         if self.args.extend:
             if st["stage"] != "done":
-                raise SystemExit(f"--extend continues a finished teacher; {self.ckpt_path} is in stage "
+                raise TrainError(f"--extend continues a finished teacher; {self.ckpt_root} holds one in stage "
                                  f"{st['stage']}: rerun without --extend to finish it first")
             if not (self.args.unet_steps or self.args.minutes):
-                raise SystemExit("--extend needs --unet-steps (how many more) or --minutes (a budget to plan them)")
+                raise TrainError("--extend needs --unet-steps (how many more) or --minutes (a budget to plan them)")
             st["stage"] = "unet"
             st["plan"]["unet_from"] = st["steps"]["unet"]
             st["plan"]["unet"] = st["steps"]["unet"] + self.args.unet_steps if self.args.unet_steps else None
@@ -343,7 +361,7 @@ class Trainer:
     def vae_step(self, step, total):
         idx = torch.randint(len(self.images), (self.vae_batch,), device=self.device)
         x = to_unit(self.images[idx])
-        set_lr(self.opt, lr_at(step, total, self.args.vae_lr, warmup=min(100, total // 10 + 1)))
+        set_lr(self.opt, step, total, self.args.vae_lr, warmup=min(100, total // 10 + 1))
         with torch.autocast(**self.autocast):
             post = self.vae.encode(x).latent_dist
             rec = self.vae.decode(post.sample()).sample.float()
@@ -427,7 +445,7 @@ class Trainer:
             if self.clock.left() < self.reserve():
                 return False
             idx = torch.randint(len(self.ids), (batch,), device=self.device)
-            set_lr(self.opt, lr_at(step, a.text_steps, a.text_lr, warmup=20))
+            set_lr(self.opt, step, a.text_steps, a.text_lr, warmup=20)
             with torch.autocast(**self.autocast):
                 states = self.te(self.ids[idx]).last_hidden_state
             loss, _ = parse_loss(states, self.ids[idx], self.labels[idx], self.heads, self.eos_id)
@@ -473,14 +491,12 @@ class Trainer:
         drop = torch.rand(B, device=dev) < CFG_DROP
         ids = torch.where(drop[:, None], self.empty_ids, self.ids[idx])
         aux_idx = torch.randint(len(self.ids), (min(B, 128),), device=dev)  # both styles: the encoder keeps parsing
-        set_lr(self.opt, lr_at(step, total, a.lr, warmup=min(300, total // 10 + 1)))
+        set_lr(self.opt, step, total, a.lr, warmup=min(300, total // 10 + 1))
         with torch.autocast(**self.autocast):
             states = self.te(ids).last_hidden_state
             pred = self.unet(xt, t, encoder_hidden_states=states).sample.float()
             aux_states = self.te(self.ids[aux_idx]).last_hidden_state
-        snr = ab.view(-1) / (1 - ab.view(-1))
-        w = torch.clamp(snr, max=MIN_SNR) / snr
-        eps_loss = (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        eps_loss = (min_snr_weight(ab.view(-1), MIN_SNR) * (pred - noise).pow(2).mean((1, 2, 3))).mean()
         aux, _ = parse_loss(aux_states, self.ids[aux_idx], self.labels[aux_idx], self.heads, self.eos_id)
         loss = eps_loss + AUX_WEIGHT * aux
         self.opt.zero_grad(set_to_none=True)
@@ -499,11 +515,11 @@ class Trainer:
         self.ema_unet.requires_grad_(False)
         self.ema_src = list(self.te.parameters()) + list(self.unet.parameters())
         self.ema = list(self.ema_te.parameters()) + list(self.ema_unet.parameters())
-        saved = (getattr(self, "_resume", None) or {}).get("ema")
-        if saved is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema, saved):
-                    e.copy_(p.to(e.device))
+        saved = self._resume.extra if self._resume is not None else {}
+        with torch.no_grad():
+            for name, e in self.ema_named().items():
+                if name in saved:
+                    e.copy_(saved[name].to(e.device))
 
     def train_unet(self):
         from ...schedules import noise_schedule
@@ -685,4 +701,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except FewstepError as e:
+        print(f"fewstep: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
