@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fewstep.lora.reference import TEXT, UNETS
+from fewstep.arch import PRESETS, SD_SCHEDULER
+from fewstep.lora.reference import TEXT, UNETS, random_lora
 from fewstep.train.config import TARGETS as LORA_PRESETS
 
 # the LCM-LoRA recipe's targets: 278 modules on SD 1.5, 788 on SDXL (the published files' counts)
@@ -44,7 +45,6 @@ def build_engine(arch, dtype, *, text=False, seed=0):
 
     from fewstep.engine import Engine
     from fewstep.loading import Components
-    from fewstep.singlefile import SCHEDULER
     from fewstep.tokenizers import bundled_tokenizer
 
     with torch.device("meta"):
@@ -57,8 +57,7 @@ def build_engine(arch, dtype, *, text=False, seed=0):
     encoders = []
     for i, cfg in enumerate(TEXT[arch]):
         cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
-        config = CLIPTextConfig(**cfg, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                                eos_token_id=49407, pad_token_id=1)
+        config = CLIPTextConfig(**cfg)
         if text:
             torch.manual_seed(seed + 1 + i)
             encoders.append(cls(config).to(dtype).eval().requires_grad_(False))
@@ -69,17 +68,13 @@ def build_engine(arch, dtype, *, text=False, seed=0):
     vae = AutoencoderKL(block_out_channels=(32,) * 4, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1).to(dtype).eval()
     vae.requires_grad_(False)
-    tokenizers = [bundled_tokenizer("clip")] + ([bundled_tokenizer("openclip")] if arch == "sdxl" else [])
-    comps = Components(arch=arch, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                       scheduler_config=dict(SCHEDULER, prediction_type="epsilon"), source="random",
-                       name=f"{arch}-random",
-                       force_zeros_for_empty_prompt=arch == "sdxl")
+    preset = PRESETS[arch]
+    comps = Components(arch=arch, unet=unet, vae=vae, text_encoders=encoders,
+                       tokenizers=[bundled_tokenizer(kind) for kind in preset.tokenizers],
+                       scheduler_config=dict(SD_SCHEDULER, prediction_type="epsilon"),  # timing only: any type
+                       source="random", name=f"{arch}-random",
+                       force_zeros_for_empty_prompt=preset.force_zeros_for_empty_prompt)
     return Engine(comps, torch.device("cpu"), dtype)
-
-
-def targets(unet, ends=TARGETS):
-    layers = (torch.nn.Linear, torch.nn.Conv2d)
-    return [n for n, m in unet.named_modules() if isinstance(m, layers) and n.endswith(ends)]
 
 
 def write_lora(path, unet, *, rank=64, ends=TARGETS, seed=0, scale=0.01, dtype=torch.float16):
@@ -89,15 +84,7 @@ def write_lora(path, unet, *, rank=64, ends=TARGETS, seed=0, scale=0.01, dtype=t
     path = Path(path)
     if path.exists():
         return path.stat().st_size
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name in targets(unet, ends):
-        w = unet.get_submodule(name).weight
-        key = "lora_unet_" + name.replace(".", "_")
-        sd[f"{key}.lora_down.weight"] = (torch.randn((rank, *w.shape[1:]), generator=gen) * scale).to(dtype)
-        up = (w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ())
-        sd[f"{key}.lora_up.weight"] = (torch.randn(up, generator=gen) * scale).to(dtype)
-        sd[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    sd = random_lora(unet, ends, rank=rank, seed=seed, scale=scale, dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(sd, str(tmp))

@@ -13,9 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+from .arch import PRESETS, REAL
 from .train.config import TARGETS
 
-NATIVE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "ssd1b": 1024}
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 LCM_TARGETS = tuple(TARGETS["lcm"])  # the LCM-LoRA recipe's key set, as the trainer uses it
 
@@ -23,7 +23,7 @@ LCM_TARGETS = tuple(TARGETS["lcm"])  # the LCM-LoRA recipe's key set, as the tra
 def add_parser(sub):
     b = sub.add_parser("bench", help="benchmark fewstep against diffusers on this machine",
                        description=__doc__.split("\n\n")[0])
-    b.add_argument("--arch", default="sd15", choices=sorted(NATIVE))
+    b.add_argument("--arch", default="sd15", choices=sorted(REAL))
     b.add_argument("--model", help="real weights (diffusers folder, hub id or .safetensors) instead of random ones")
     b.add_argument("--device", default="auto")
     b.add_argument("--dtype", default="auto", help="fewstep's dtype (auto: bf16 on AMX CPUs, fp16 on GPUs)")
@@ -150,23 +150,6 @@ class StageTimer:
             setattr(owner, attr, real)
 
 
-def lcm_lora_state_dict(unet, rank=64, seed=0):
-    """A random LoRA with the LCM-LoRA recipe's key set (kohya layout, fp16, rank 64 + alphas)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LCM_TARGETS):
-            w = m.weight
-            key = "lora_unet_" + name.replace(".", "_")
-            sd[f"{key}.lora_down.weight"] = (torch.randn((rank, *w.shape[1:]), generator=gen) * 1e-3).half()
-            sd[f"{key}.lora_up.weight"] = (torch.randn((w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ()),
-                                                       generator=gen) * 1e-3).half()
-            sd[f"{key}.alpha"] = torch.tensor(float(rank))
-    return sd
-
-
 def _commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -183,10 +166,11 @@ def run_bench(args):
 
     from . import loading, speed
     from .errors import RequestError
+    from .lora.reference import random_lora
 
     dev = loading.resolve_device(args.device)
     dt = loading.resolve_dtype(args.dtype, dev)
-    size = args.size or (NATIVE[args.arch] // (2 if args.quick else 1))
+    size = args.size or (PRESETS[args.arch].native_size // (2 if args.quick else 1))
     modes = [m for m in args.modes.split(",") if m]
     systems = [s for s in args.systems.split(",") if s]
     batches = [int(b) for b in args.batch.split(",")]
@@ -196,7 +180,7 @@ def run_bench(args):
           f" on {dev}...", file=sys.stderr)
     parts = loading.read_components(args.model) if args.model else _random(args.arch)
     weights = "real" if args.model else "random"
-    lora = lcm_lora_state_dict(parts["unet"])
+    lora = random_lora(parts["unet"], LCM_TARGETS, scale=1e-3)  # the LCM-LoRA recipe's key set, rank 64, fp16
     lora_file = Path(f"/tmp/fewstep-bench-lcm-lora-{args.arch}.safetensors")
     save_file(lora, str(lora_file))
 

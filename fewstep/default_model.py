@@ -6,12 +6,13 @@ works offline on a fresh machine in 4 steps; fewstep/worlds/shapes/runs/ holds t
 
 from pathlib import Path
 
+from .arch import PRESETS
+
 NAME = "shapes-teacher-v1"
 SHIPPED = Path(__file__).resolve().parent / "data" / "shapes" / "teacher"
 LCM_LORA = Path(__file__).resolve().parent / "data" / "shapes" / "lcm-lora.safetensors"
 OUTLINE_LORA = Path(__file__).resolve().parent / "data" / "shapes" / "outline-lora.safetensors"
-# What the teacher was evaluated with (all four attributes right on 200 captions, docs/shapes.md).
-TEACHER_DEFAULTS = dict(sampler="euler", steps=25, guidance=4.0)
+TEACHER_DEFAULTS = dict(PRESETS["shapes"].standard)  # what the teacher was evaluated with (fewstep.arch)
 
 
 def default_model_path():

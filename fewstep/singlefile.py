@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import torch
 
+from fewstep.arch import BY_CROSS_WIDTH, CLIP_TOKEN_IDS, PRESETS, SD_SCHEDULER
 from fewstep.errors import LoadError
+from fewstep.sources import is_pickle
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -21,40 +23,13 @@ SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 SGM_TEXT_1 = "conditioner.embedders.0.transformer."
 SGM_TEXT_2 = "conditioner.embedders.1.model."
-PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
-
-
-@dataclass(frozen=True)
-class Family:
-    """What the weights of one model family do not show: heads, activations, sizes, scaling, conditioning."""
-
-    heads_per_block: int | None  # fixed head count per block; None means one head per 64 channels
-    text_kind: str  # the (first) text encoder: "clip" (ViT-L, HF layout, quick_gelu) or "openclip" (gelu)
-    unet_sample_size: int
-    vae_sample_size: int
-    scaling_factor: float
-    upcast_attention: bool = False
-    force_zeros_for_empty_prompt: bool = False
-
-
-# Values of the published diffusers configs (SD 1.5, SD 2.1, SDXL base; SSD-1B as SDXL). SD 2.x's sizes are those of
-# the 768-v models; 2.x-base (epsilon, 512 px) gets 64 / 512 (see _sample_sizes).
-FAMILIES = {
-    "sd15": Family(8, "clip", 64, 512, 0.18215),
-    "sd2": Family(None, "openclip", 96, 768, 0.18215, upcast_attention=True),
-    "sdxl": Family(None, "clip", 128, 1024, 0.13025, force_zeros_for_empty_prompt=True),
-    "ssd1b": Family(None, "clip", 128, 1024, 0.13025, force_zeros_for_empty_prompt=True),
-}
-
-# The noise schedule all four families were trained with; prediction_type is added per checkpoint.
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 steps_offset=1, timestep_spacing="leading")
-
-CLIP_TOKEN_IDS = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+# Per-family facts the weights do not show (heads, text encoder kind, sample sizes, VAE scaling, upcast attention,
+# empty-prompt zeros) come from fewstep.arch's registry: the published diffusers configs (SD 1.5, SD 2.1, SDXL base,
+# SSD-1B). SD 2.x's sizes are those of the 768-v models; 2.x-base (epsilon, 512 px) gets 64 / 512 (see _sample_sizes).
 
 
 def read_state_dict(path, *, allow_pickle=False):
-    """Tensors of a .safetensors file (or, with allow_pickle, of a trusted .ckpt/.bin/.pt/.pth pickle)."""
+    """Tensors of a .safetensors file (or, with allow_pickle, of a trusted .ckpt/.bin/.pt/.pth/.pkl pickle)."""
     return _read(Path(path), allow_pickle)[0]
 
 
@@ -74,7 +49,7 @@ def _read(path, allow_pickle):
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise LoadError(f"{path}: not a readable safetensors file ({e}); the download may be incomplete") from None
         hints["prediction_type"] = metadata.get("modelspec.prediction_type")
-    elif suffix in PICKLE_SUFFIXES:
+    elif is_pickle(path):
         if not allow_pickle:
             raise LoadError(f"{path}: {suffix} files are Python pickles and can run code when loaded; use a "
                             ".safetensors file, or pass --allow-pickle (CLI) / allow_pickle=True if you trust it")
@@ -115,10 +90,10 @@ def detect_arch(state_dict):
         return "sd15"
     if not _has_prefix(state_dict, SGM_TEXT_2):
         width = _cross_attention_dim(state_dict)
-        if width in (768, 1024):
-            return {768: "sd15", 1024: "sd2"}[width]
-        if width != 2048:
+        if width not in BY_CROSS_WIDTH:
             raise LoadError(f"unrecognised UNet with cross-attention width {width} and no text encoder")
+        if not PRESETS[BY_CROSS_WIDTH[width]].xl:
+            return BY_CROSS_WIDTH[width]
     # SSD-1B is SDXL with transformer blocks removed: its mid block has no transformer and its up blocks are
     # shallower than the down blocks they mirror ([4, 4, 10], [2, 1, 1]); SDXL's depths are symmetric.
     return "sdxl" if _unet_layout(state_dict).symmetric() else "ssd1b"
@@ -136,8 +111,8 @@ def load_single_file(path, *, allow_pickle=False, torch_dtype=torch.float32):
     state_dict, hints = _read(path, allow_pickle)
     try:
         arch = detect_arch(state_dict)
-        family = FAMILIES[arch]
-        sgm = arch in ("sdxl", "ssd1b")
+        family = PRESETS[arch]
+        sgm = family.xl
         first_prefix = {"sd15": SD1_TEXT, "sd2": SD2_TEXT}.get(arch, SGM_TEXT_1)
         if not _has_prefix(state_dict, first_prefix) or (sgm and not _has_prefix(state_dict, SGM_TEXT_2)):
             raise LoadError("the checkpoint has no text encoder (UNet-only files are not supported); use a full "
@@ -183,7 +158,7 @@ def load_single_file(path, *, allow_pickle=False, torch_dtype=torch.float32):
     except LoadError as e:
         raise LoadError(f"{path.name}: {e}") from None
 
-    out["scheduler_config"] = dict(SCHEDULER, prediction_type=prediction_type)
+    out["scheduler_config"] = dict(SD_SCHEDULER, prediction_type=prediction_type)
     out["force_zeros_for_empty_prompt"] = family.force_zeros_for_empty_prompt
     return out
 
@@ -277,7 +252,7 @@ def _cross_attention_dim(state_dict):
 
 def unet_config_from_state_dict(state_dict, arch, *, pooled_dim=None, prediction_type="epsilon"):
     """UNet2DConditionModel config: structure from the tensors, heads and sizes from the family defaults."""
-    family = FAMILIES[arch]
+    family = PRESETS[arch]
     layout = _unet_layout(state_dict)
     last = len(layout.down) - 1
 
@@ -338,7 +313,7 @@ def unet_config_from_state_dict(state_dict, arch, *, pooled_dim=None, prediction
         config["time_cond_proj_dim"] = state_dict[UNET + "time_embedding.cond_proj.weight"].shape[1]
     label = state_dict.get(UNET + "label_emb.0.0.weight")
     if label is not None:
-        if arch not in ("sdxl", "ssd1b") or pooled_dim is None:
+        if not family.xl or pooled_dim is None:
             raise LoadError("unsupported UNet with a class/label embedding (unCLIP or upscaler variant)")
         # SDXL's added condition: pooled text embedding + 6 Fourier-embedded size/crop numbers.
         time_dim, remainder = divmod(label.shape[1] - pooled_dim, 6)
@@ -351,7 +326,7 @@ def unet_config_from_state_dict(state_dict, arch, *, pooled_dim=None, prediction
 
 def vae_config_from_state_dict(state_dict, arch, *, prediction_type="epsilon"):
     """AutoencoderKL config: channels and depth from the tensors, scaling factor from the family."""
-    family = FAMILIES[arch]
+    family = PRESETS[arch]
     encoder = VAE + "encoder."
     levels = sorted({int(key.split(".")[3]) for key in state_dict if key.startswith(encoder + "down.")})
     if not levels:
@@ -379,7 +354,7 @@ def _sample_sizes(arch, prediction_type):
     """(UNet, VAE) sample sizes; SD 2.x-base (epsilon) is a 512 px model, the v-prediction SD 2.x models 768 px."""
     if arch == "sd2" and prediction_type == "epsilon":
         return 64, 512
-    family = FAMILIES[arch]
+    family = PRESETS[arch]
     return family.unet_sample_size, family.vae_sample_size
 
 

@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..arch import BY_CROSS_WIDTH, PRESETS
 from ..errors import LoadError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -39,7 +40,8 @@ OTHER_FAMILIES = ((re.compile(r"double_blocks|single_blocks|single_transformer_b
                   (re.compile(r"joint_blocks|context_block|\.add_k_proj"), "SD3"),
                   (re.compile(r"^(lora_transformer_|transformer\.|diffusion_model\.)"),
                    "a transformer (DiT) model such as SD3, Flux or PixArt"))
-CROSS_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
+# A cross-attention width names a family (fewstep.arch's titles) or the SDXL refiner, which is not one fewstep loads.
+CROSS_WIDTHS = {**{width: PRESETS[arch].title for width, arch in BY_CROSS_WIDTH.items()}, 1280: "the SDXL refiner"}
 
 _OLD = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}

@@ -1,19 +1,20 @@
 """Real-size UNets and text encoders built on the meta device: module names and shapes without weights.
 
 `fewstep lora info/convert` resolve a file's names against these when no model is given; tests check key coverage
-against them. Configs are fewstep.arch's published values (SD 1.5, SD 2.1, SDXL base).
+against them. Configs are fewstep.arch's published values (SD 1.5, SD 2.1, SDXL base). Also: random LoRAs in the
+published LCM-LoRAs' layout, for benchmarks at real size.
 """
 
 import json
 from pathlib import Path
 
-from ..arch import BIG_G, SD2_UNET, SD15_UNET, SDXL_UNET, VIT_H, VIT_L
+from ..arch import BY_CROSS_WIDTH, PRESETS
 from ..errors import LoadError
 
-UNETS = {"sd15": SD15_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
-TEXT = {"sd15": [VIT_L], "sd2": [VIT_H], "sdxl": [VIT_L, BIG_G]}
-ARCHS = tuple(UNETS)
-CROSS_TO_ARCH = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+ARCHS = tuple(BY_CROSS_WIDTH.values())  # sd15, sd2, sdxl: one per cross-attention width (SSD-1B is SDXL's)
+UNETS = {arch: PRESETS[arch].unet for arch in ARCHS}
+TEXT = {arch: list(PRESETS[arch].text) for arch in ARCHS}
+CROSS_TO_ARCH = BY_CROSS_WIDTH
 
 
 def meta_models(arch):
@@ -49,3 +50,29 @@ def _build(unet_config, text_configs):
             cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel  # SDXL's second encoder projects
             models["text_encoder" if i == 0 else "text_encoder_2"] = cls(config)
     return models
+
+
+def target_modules(unet, ends):
+    """Names of unet's Linear and Conv2d modules whose names end with one of `ends` (a LoRA recipe's targets)."""
+    import torch
+
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    return [name for name, module in unet.named_modules() if isinstance(module, layers) and name.endswith(ends)]
+
+
+def random_lora(unet, ends, *, rank=64, seed=0, scale=0.01, dtype=None):
+    """A random LoRA on `ends`' modules in the published LCM-LoRAs' layout: kohya keys with diffusers block names,
+    `dtype` (default fp16) factors of N(0, scale^2), alpha = rank."""
+    import torch
+
+    dtype = dtype or torch.float16
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in target_modules(unet, tuple(ends)):
+        w = unet.get_submodule(name).weight
+        key = "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = (torch.randn((rank, *w.shape[1:]), generator=gen) * scale).to(dtype)
+        up = (w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ())
+        sd[f"{key}.lora_up.weight"] = (torch.randn(up, generator=gen) * scale).to(dtype)
+        sd[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    return sd

@@ -8,10 +8,10 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from fewstep.arch import SD_SCHEDULER
 from fewstep.tokenizers import bundled_tokenizer
 
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
+SCHEDULER = dict(SD_SCHEDULER, interpolation_type="linear", use_karras_sigmas=False)
 
 
 def _clip_config(hidden=32, layers=3, act="quick_gelu", projection_dim=None):

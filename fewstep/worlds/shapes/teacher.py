@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ...arch import PRESETS
+
 MODEL_NAME = "shapes-teacher-v1"
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1,
-                 interpolation_type="linear", use_karras_sigmas=False)
+SCHEDULER = dict(PRESETS["shapes"].scheduler)  # the registry's; the shipped scheduler_config.json is its copy
 
 
 @dataclass(frozen=True)
