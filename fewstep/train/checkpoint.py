@@ -23,7 +23,6 @@ NAME = re.compile(r"^step-(\d+)$")
 class Resumed:
     step: int
     position: int
-    record: dict  # the settings the checkpoint was written with
     path: Path
     extra: dict = field(default_factory=dict)  # the extra tensors (an EMA network...)
     info: dict | None = None  # the JSON progress state a trainer saved besides step and position
@@ -155,4 +154,4 @@ def load(path, *, params, optimizer, generator, scaler=None):
     generator.set_state(gen_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return Resumed(int(state["step"]), int(state["position"]), state.get("config", {}), path, extra, state.get("info"))
+    return Resumed(int(state["step"]), int(state["position"]), path, extra, state.get("info"))

@@ -285,8 +285,6 @@ class Trainer:
             raise TrainError(f"{found} was made with another seed or size ({saved.get('seed')}, "
                              f"{saved.get('config', {}).get('size')}): use another --out, or --fresh to start over")
         res = checkpoint.load(found, params=self.networks(), optimizer=None, generator=torch.default_generator)
-        if res.info is None:
-            raise TrainError(f"{found} is not a shapes-teacher checkpoint: use another --out, or --fresh")
         self.state = res.info
         if "rng.cuda" in res.extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(res.extra["rng.cuda"], self.device)
