@@ -93,7 +93,7 @@ class StageTimer:
     """Times the text encoders, each UNet call and the decoder (synchronising on CUDA).
 
     unet: a module (timed by forward hooks) or (owner, attribute) of a callable, which is wrapped for the run -
-    fewstep's engine.unet_fn may be compiled or a CUDA-graph replay, which module hooks do not see.
+    fewstep's engine.fast.unet_fn may be compiled or a CUDA-graph replay, which module hooks do not see.
     """
 
     def __init__(self, device, text_encoders, unet, decode_owner, decode_attr):
@@ -190,20 +190,21 @@ def run_bench(args):
     own_tuned = "diffusers-tuned" in systems and tuned_dtype != dt
     pristine = copy.deepcopy(parts) if ("diffusers-seed" in systems or own_tuned) else None
     reference_parts = copy.deepcopy(parts) if args.quality else None
-    t0 = time.perf_counter()
-    engine = _engine(parts, args.model or f"random-{args.arch}", args.arch, dev, dt, lora_file)
-    comps = engine.c
-    engine.check_finite = weights == "real"  # random weights may overflow; speed does not care
-    fuse_time = time.perf_counter() - t0
-    # the prompt cache would skip fewstep's text encoder on repeated runs; diffusers has none, so it is off here
     tiny = None
     if args.vae == "tiny" and not args.model:  # random weights of TAESD's architecture: the same compute
         from diffusers import AutoencoderTiny
 
         tiny = AutoencoderTiny().to(dev, dt).eval().requires_grad_(False)
-    report = speed.apply(engine, speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0,
-                                                     cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv),
-                         tiny_decoder=tiny)
+    # the prompt cache would skip fewstep's text encoder on repeated runs; diffusers has none, so it is off here
+    settings = speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0,
+                                   cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv)
+    t0 = time.perf_counter()
+    # random weights may overflow; speed does not care
+    engine = _engine(parts, args.model or f"random-{args.arch}", args.arch, dev, dt, lora_file, settings,
+                     tiny=tiny, check_finite=weights == "real")
+    comps = engine.c
+    fuse_time = time.perf_counter() - t0
+    report = engine.speed_report
     compile_time = speed.warmup(engine, width=size, height=size, steps=2) if args.compile or args.cuda_graphs \
         else None
 
@@ -234,7 +235,7 @@ def run_bench(args):
             _set_lora(engine, lcm)
             fn = lambda: engine.generate(PROMPT, sampler="lcm" if lcm else "euler", steps=steps, guidance=guidance,  # noqa
                                          width=size, height=size, num_images=batch, seed=0)
-            mods = (engine.c.text_encoders, (engine, "unet_fn"), engine, "decode_fn")
+            mods = (engine.c.text_encoders, (engine.fast, "unet_fn"), engine.fast, "decode_fn")
         else:
             pipe = pipes[system]
             if system == "diffusers-tuned" and not getattr(pipe, "tuned_fused", False):
@@ -297,15 +298,15 @@ def run_bench(args):
     return 0
 
 
-def _engine(parts, path, name, dev, dtype, lora_file):
-    """An Engine over parts (placed on dev in dtype) with the benchmark's LCM-LoRA fused as "lcm"."""
+def _engine(parts, path, name, dev, dtype, lora_file, settings, *, tiny=None, check_finite=False):
+    """An Engine over parts (placed on dev in dtype) with the fast path of settings and the benchmark's LCM-LoRA
+    fused as "lcm"."""
     from . import loading
     from .engine import Engine
-    from .lora import load_lora
 
-    engine = Engine(loading.place(parts, path, name, dev, dtype), dev, dtype)
-    load_lora(engine, str(lora_file), name="lcm")
-    engine.lcm_lora = "lcm"
+    engine = Engine(loading.place(parts, path, name, dev, dtype), dev, dtype, speed=settings, tiny_decoder=tiny,
+                    check_finite=check_finite)
+    engine.load_lora(str(lora_file), name="lcm", lcm=True)
     return engine
 
 
@@ -317,10 +318,9 @@ def _quality(rows, engine, parts, lora_file, size):
 
     from . import speed
 
-    ref = _engine(parts, "reference", parts["arch"], engine.device, torch.float32, lora_file)
-    ref.check_finite = False
-    speed.apply(ref, speed.SpeedSettings(channels_last=False, decoder_channels_last=False, phase_upsample=False,
-                                         prompt_cache=0, cudnn_benchmark=False))
+    plain = speed.SpeedSettings(channels_last=False, decoder_channels_last=False, phase_upsample=False,
+                                prompt_cache=0, cudnn_benchmark=False)
+    ref = _engine(parts, "reference", parts["arch"], engine.device, torch.float32, lora_file, plain)
     for r in rows:
         if r["system"] != "fewstep" or r["batch"] != 1:
             continue
@@ -386,9 +386,7 @@ def _pipeline(c, dtype):
 
 def _set_lora(engine, on):
     """fewstep: the LCM-LoRA fused for LCM runs, the base weights restored for the standard pipeline."""
-    from .lora import set_lora_weights
-
-    set_lora_weights(engine, {"lcm": 1.0 if on else 0.0})
+    engine.set_lora_weights({"lcm": 1.0 if on else 0.0})
 
 
 def _set_diffusers_mode(pipe, system, lcm, engine):

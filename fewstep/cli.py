@@ -10,13 +10,16 @@ from pathlib import Path
 
 from . import speed_cli as speed
 from .errors import FewstepError, RequestError
+from .recipes import RECIPES, SAMPLERS
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # as fewstep.schedules (which imports torch)
 
 log = logging.getLogger("fewstep")
 
 # Subcommand modules: each has add_parser(subparsers), which sets `func` to its handler(args) -> exit code.
 # Their top-level imports stay light (no torch), so `fewstep --help` is fast.
 SUBCOMMANDS = ["fewstep.lora.cli", "fewstep.serve.cli", "fewstep.train.cli", "fewstep.bench",
-               "fewstep.worlds.shapes.cli"]
+               "fewstep.worlds.shapes.cli", "fewstep.recipes_cli"]
 
 
 def parse_steps(text):
@@ -60,14 +63,22 @@ def build_parser():
                        description="Generate images. Without --model the embedded default model is used.")
     g.add_argument("prompt", help="the text prompt")
     g.add_argument("--model", help="diffusers folder, hub id (owner/name) or single .safetensors checkpoint")
-    g.add_argument("--lcm", nargs="?", const=True, default=True, metavar="PATH",
-                   help="attach the LCM-LoRA for the model's architecture (default), or the one at PATH / hub id")
+    g.add_argument("--lcm", nargs="?", const=True, default="auto", metavar="PATH",
+                   help="attach the LCM-LoRA for the model's architecture (the default unless another recipe is asked "
+                        "for or a --lora/--unet file names one), or the one at PATH / hub id")
     g.add_argument("--no-lcm", dest="lcm", action="store_false",
                    help="no LCM-LoRA: the standard pipeline (euler, 25 steps, guidance 7.5)")
     g.add_argument("--lora", action="append", default=[], metavar="SRC[:WEIGHT]",
-                   help="a LoRA file, folder or hub id with an optional weight (repeatable)")
+                   help="a LoRA file, folder or hub id with an optional weight (repeatable); a few-step LoRA "
+                        "(Lightning, Hyper-SD, DMD2, PCM, TCD) sets the recipe its name says")
     g.add_argument("--lora-dir", help="folder that <lora:NAME:WEIGHT> tags in the prompt resolve against")
-    g.add_argument("--sampler", choices=["lcm", "tcd", "euler"])
+    g.add_argument("--unet", metavar="FILE", help="a UNet-only file or folder replacing the model's (Lightning, DMD2, "
+                                                  "Hyper-SD UNets; diffusers or original layout)")
+    g.add_argument("--recipe", choices=list(RECIPES), help="a few-step method's settings (see `fewstep recipes`); "
+                                                           "default: what the model and its adapters need")
+    g.add_argument("--prediction", choices=list(PREDICTION_TYPES),
+                   help="override the model's prediction type (SDXL-Lightning's 1-step x0 UNet: sample)")
+    g.add_argument("--sampler", choices=list(SAMPLERS), help="override the recipe's sampler")
     g.add_argument("--steps", help="number of steps, or a range like 1-8 (one image per count, and a grid)")
     g.add_argument("--timesteps", help="custom LCM/TCD timesteps, e.g. 999,759,499,259")
     g.add_argument("--guidance", type=float, help="<= 1: no CFG (LCM default 1); > 1: CFG with the negative prompt")
@@ -78,7 +89,7 @@ def build_parser():
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--init-image", help="image-to-image: the starting image")
     g.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default 0.6)")
-    g.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity in [0, 1] (default 0.3)")
+    g.add_argument("--gamma", type=float, help="TCD stochasticity in [0, 1] (default: the recipe's, 0.3)")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt files (they can run code)")
@@ -124,6 +135,10 @@ def cmd_generate(args):
     from .images import grid, parameters_text, save_png
     from .request import GenerateRequest
 
+    from dataclasses import replace
+
+    from .recipes import detect
+
     step_counts = parse_steps(args.steps) if args.steps else [None]
     timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
     if timesteps and args.steps:
@@ -133,31 +148,39 @@ def cmd_generate(args):
     from .lora.prompt import adapters_for
 
     prompt, loras = adapters_for(args.prompt, [parse_lora(s) for s in args.lora], args.lora_dir)
-    # check the request before the (slow) load: invalid input costs nothing
-    base = dict(prompt=prompt, negative_prompt=args.negative, guidance=args.guidance, seed=args.seed,
-                sampler=args.sampler, timesteps=timesteps, width=args.width, height=args.height,
-                num_images=args.num_images, strength=args.strength, gamma=args.gamma)
-    GenerateRequest(**base, init_image=args.init_image)
-    if args.init_image:
-        from .engine import load_image
+    # the recipes the adapter and UNet files name (Lightning, Hyper-SD...): they set the defaults
+    named = [(detect(Path(str(src)).name), src) for src, _, _ in loras]
+    if args.unet:
+        named.append((detect(Path(args.unet).name), args.unet))
+    few_step = [(recipe, steps) for (recipe, steps), _ in named if recipe not in (None, "lcm")]
+    if step_counts == [None] and timesteps is None and few_step and few_step[0][1]:
+        step_counts = [few_step[0][1]]  # "..._4step_lora" runs 4 steps unless told otherwise
+    seed = args.seed if args.seed is not None else __import__("secrets").randbelow(2**31)
+    # the one request, checked before the (slow) load: invalid input costs nothing
+    from .engine import load_image
 
-        base["init_image"] = load_image(args.init_image)
+    req = GenerateRequest(prompt=prompt, negative_prompt=args.negative, guidance=args.guidance, seed=seed,
+                          recipe=args.recipe, sampler=args.sampler, timesteps=timesteps, width=args.width,
+                          height=args.height, num_images=args.num_images, strength=args.strength, gamma=args.gamma,
+                          init_image=load_image(args.init_image) if args.init_image else None)
+    lcm = args.lcm
+    if lcm == "auto" and (few_step or args.recipe not in (None, "lcm", "tcd")):
+        lcm = False  # a Lightning / Hyper-SD / DMD2... adapter replaces the LCM-LoRA, it does not join it
 
     t0 = time.perf_counter()
-    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=args.lcm,
-                          allow_pickle=args.allow_pickle, **speed.speed_kwargs(args))
+    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=lcm, allow_pickle=args.allow_pickle,
+                          unet=args.unet, recipe=args.recipe if args.unet else None, prediction_type=args.prediction,
+                          **speed.speed_kwargs(args))
     load_time = time.perf_counter() - t0
     for note in engine.c.notes:
         log.warning(note)
     if engine.lcm_lora and args.verbose:
         log.info(engine.loras[engine.lcm_lora].report.summary())
-    for src, weight, name in loras:
-        report = engine.load_lora(src, name=name, weight=weight, allow_pickle=args.allow_pickle)
+    for ((recipe, _), _), (src, weight, name) in zip(named, loras):
+        report = engine.load_lora(src, name=name, weight=weight, allow_pickle=args.allow_pickle,
+                                  recipe=None if recipe == "lcm" and engine.lcm_lora else recipe)
         if args.verbose:
-            log.info(report.summary())
-
-    seed = args.seed if args.seed is not None else __import__("secrets").randbelow(2**31)
-    base["seed"] = seed
+            log.info(report.summary() + (f" (recipe {recipe})" if recipe else ""))
     runs, total = [], 0
     bar = None
     if not args.quiet:
@@ -174,7 +197,7 @@ def cmd_generate(args):
 
     try:
         for steps in step_counts:
-            result = engine.generate(steps=steps, callback=on_step, **base)
+            result = engine.run(replace(req, steps=steps), callback=on_step)
             runs.append(result)
             total += len(result.images)
     finally:
@@ -206,14 +229,16 @@ def cmd_generate(args):
     if args.json:
         print(json.dumps(dict(
             model=engine.c.name, arch=engine.arch, device=str(engine.device), dtype=str(engine.dtype).split(".")[-1],
-            sampler=runs[0].params["sampler"], guidance=runs[0].params["guidance"], seed=seed, images=records,
+            recipe=runs[0].params["recipe"], sampler=runs[0].params["sampler"], guidance=runs[0].params["guidance"],
+            seed=seed, images=records,
             grid=str(grid_path) if grid_path else None, load_seconds=round(load_time, 4),
             loras={n: s.weight for n, s in engine.loras.items()},
             timings=[dict(r.timings, steps_run=r.steps_run) for r in runs],
             warnings=sorted({w for r in runs for w in r.warnings}), notes=engine.c.notes), indent=2))
     else:
         p0 = runs[0].params
-        print(f"seed {seed}  sampler {p0['sampler']}  guidance {p0['guidance']:g}  model {engine.c.name}")
+        print(f"seed {seed}  recipe {p0['recipe']}  sampler {p0['sampler']}  guidance {p0['guidance']:g}  "
+              f"model {engine.c.name}")
         for r in records:
             print(f"{r['path']}  (seed {r['seed']}, {r['steps']} step{'s' if r['steps'] > 1 else ''})")
         if grid_path:

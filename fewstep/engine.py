@@ -1,28 +1,41 @@
 """Engine: holds loaded components and runs one denoise loop for text-to-image and image-to-image."""
 
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import sampling, schedules, text
+from . import latents, sampling, schedules, text
 from .denoiser import guidance_embedding, make_denoiser
 from .errors import RequestError, ResourceError
-from .request import GenerateRequest
-from .speed import OnDevice, SpeedSettings, cudnn_benchmark
+from .recipes import SAMPLERS, get_recipe
+from .request import GenerateRequest, classifier_free
+from .speed import OnDevice, cudnn_benchmark
+from .speed import build as build_fast_path
 
 log = logging.getLogger("fewstep")
 
 LCM_BURN_GUIDANCE = 2.0
+FULL_LCM_GUIDANCE = 8.5
+DEFAULT_GAMMA = 0.3  # TCD's eta where the recipe names none (the TCD paper's suggestion)
+# DDIMScheduler's own defaults, which diffusers' DDIMScheduler.from_config(model config) keeps where an SDXL-style
+# (Euler) config does not name them; SD 1.x/2.x configs set both to False
+DDIM_CONFIG = dict(clip_sample=True, set_alpha_to_one=True)
 
 
 @dataclass
 class Generation:
-    """The result of one request: images, the seed of each, the resolved parameters and per-stage timings."""
+    """The result of one request: images, the seed of each, the resolved parameters and per-stage timings.
+
+    timings["steps"] are host-side seconds per step: on CUDA they are not synchronized (the loop never waits for
+    the GPU), so they show launch time; "total" includes the decode, which waits. `fewstep bench` synchronizes.
+    """
 
     images: list
     seeds: list
@@ -37,22 +50,33 @@ class Generation:
 
 
 class Engine:
-    """A loaded model ready to generate; see fewstep.load()."""
+    """A loaded model ready to generate; see fewstep.load().
 
-    def __init__(self, components, device, dtype):
+    It owns its state: the components, the adapter set fused into their weights (self.adapters), the fast path
+    that runs them (self.fast) and the prompt cache. Nothing outside fewstep.engine and fewstep.lora writes to it.
+    recipe: the few-step recipe the model itself needs (a distilled UNet file: Lightning, DMD2, Hyper-SD...);
+    prediction_type overrides the scheduler config's (SDXL-Lightning's 1-step x0 UNet predicts the sample).
+    """
+
+    def __init__(self, components, device, dtype, *, speed=None, tiny_decoder=None, check_finite=True, recipe=None,
+                 prediction_type=None):
+        from .lora.adapters import AdapterSet
+
         self.c = components
         self.device = device
         self.dtype = dtype
-        self.noise_schedule = schedules.noise_schedule(components.scheduler_config)
-        self.vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-        self.lcm_lora = None  # name of the attached LCM-LoRA, if any
-        self.loras = {}  # name -> LoraState (fewstep.lora)
-        # What runs, as fewstep.speed sets it up: the decoder (full VAE or a tiny one) and the hot callables.
-        self.speed = SpeedSettings()
-        self.decoder = components.vae
-        self.unet_fn, self.decode_fn = components.unet, components.vae.decode
+        if recipe is not None:
+            get_recipe(recipe)
+        self.recipe = recipe
+        self.prediction_type = prediction_type
+        self.noise_schedule = self._noise_schedule({})
+        self.vae_factor = components.vae_factor
+        # the fast path first: it sets the modules' memory layout, which adapters then fuse into
+        self.fast = build_fast_path(components, device, dtype, speed, tiny_decoder=tiny_decoder)
+        self.adapters = AdapterSet(components)
+        self.check_finite = check_finite  # benchmarks on random weights turn the NaN check off
         self._prompt_cache = OrderedDict()
-        self.check_finite = True  # benchmarks on random weights turn the NaN check off
+        self._schedules = {}  # (recipe config, sampler) -> NoiseSchedule
 
     # ---- facts -------------------------------------------------------------------------------------------------
     @property
@@ -64,54 +88,89 @@ class Engine:
         return self.c.full_lcm
 
     @property
+    def speed(self):
+        return self.fast.settings
+
+    @property
+    def speed_report(self):
+        return self.fast.report
+
+    @property
+    def decoder(self):
+        return self.fast.decoder
+
+    @property
+    def unet_fn(self):
+        return self.fast.unet_fn
+
+    @property
+    def decode_fn(self):
+        return self.fast.decode_fn
+
+    @property
+    def loras(self):
+        """{name: LoraState} of the loaded adapters (read it; change adapters with the methods below)."""
+        return self.adapters.states
+
+    @property
+    def lcm_lora(self):
+        """Name of the active adapter that makes this model few-step (an LCM-LoRA or another recipe's), or None."""
+        s = self.adapters.recipe_adapter
+        return None if s is None else s.name
+
+    @property
     def few_step(self):
-        """True when the model samples in few steps: a full LCM or an attached LCM-LoRA."""
-        return self.full_lcm or self.lcm_lora is not None
+        """True when the model samples in few steps: a full LCM, a distilled UNet or an active few-step adapter."""
+        return self.default_recipe() != "standard"
 
     @property
     def native_size(self):
-        return self.c.unet.config.sample_size * self.vae_factor
+        return self.c.native_size
+
+    def default_recipe(self):
+        """The recipe a request without one runs: the model's own, its active few-step adapter's, or standard."""
+        if self.recipe is not None:
+            return self.recipe
+        s = self.adapters.recipe_adapter
+        if s is not None:
+            return s.recipe
+        return "lcm" if self.full_lcm else "standard"
+
+    def recipe_defaults(self, name):
+        """dict(sampler, steps, guidance) of a recipe on this model (the family sets the standard one)."""
+        r = get_recipe(name)
+        if name == "standard":
+            return dict(self.c.preset.standard)
+        d = dict(sampler=r.sampler, steps=r.steps, guidance=r.guidance)
+        if self.full_lcm and name == "lcm":
+            d["guidance"] = FULL_LCM_GUIDANCE  # an embedding, not CFG (LCM, Luo et al. 2023, sec. 4.2)
+        return d
 
     def defaults(self):
         """The sampler, steps and guidance this engine uses when a request leaves them out."""
-        if self.full_lcm:
-            return dict(sampler="lcm", steps=4, guidance=8.5)
-        if self.few_step:
-            return dict(sampler="lcm", steps=4, guidance=1.0)
-        if self.c.arch == "shapes":
-            from .default_model import TEACHER_DEFAULTS
-
-            return dict(TEACHER_DEFAULTS)
-        return dict(sampler="euler", steps=25, guidance=7.5)
+        return self.recipe_defaults(self.default_recipe())
 
     # ---- adapters ---------------------------------------------------------------------------------------------
     def load_lora(self, src, *, name=None, weight=1.0, allow_pickle=False, weight_name=None, lcm=False,
-                  min_match=None):
+                  recipe=None, min_match=None):
         """Fuse a LoRA (file, folder or hub id) into the weights; returns its LoraReport.
 
-        lcm=True marks it as the LCM-LoRA (few-step defaults); min_match: the fraction of its tensors that must match.
+        recipe: the few-step recipe it makes (its defaults apply while it is active); lcm=True is recipe="lcm".
+        min_match: the fraction of its tensors that must match.
         """
-        from .lora import load_lora
-
-        return load_lora(self, src, name=name, weight=weight, allow_pickle=allow_pickle, weight_name=weight_name,
-                         lcm=lcm, min_match=min_match)
+        return self.adapters.load(src, name=name, weight=weight, allow_pickle=allow_pickle, weight_name=weight_name,
+                                  lcm=lcm, recipe=recipe, min_match=min_match)
 
     def set_lora_weights(self, weights):
         """{name: weight} for loaded LoRAs; only the tensors they touch are re-fused."""
-        from .lora import set_lora_weights
-
-        set_lora_weights(self, weights)
+        self.adapters.set_weights(weights)
 
     def unload_lora(self, name):
         """Remove a LoRA and restore the weights it touched exactly."""
-        from .lora import unload_lora
-
-        unload_lora(self, name)
+        self.adapters.unload(name)
 
     def unload_loras(self):
-        from .lora import unload_loras
-
-        unload_loras(self)
+        self.adapters.unload_all()
 
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(self, prompt="", *, callback=None, **kw):
@@ -124,43 +183,85 @@ class Engine:
         return self.run(req, callback=callback)
 
     def resolve(self, req):
-        """The request with engine defaults filled in and model-dependent checks done; plus warnings."""
-        d = self.defaults()
-        req = replace(req, sampler=req.sampler or d["sampler"], steps=req.steps or d["steps"],
-                      guidance=d["guidance"] if req.guidance is None else req.guidance)
-        if req.timesteps is not None:
-            if req.sampler == "euler":
-                raise RequestError("custom timesteps work with the lcm and tcd samplers, not euler")
-            req = replace(req, steps=len(req.timesteps))
+        """(the request with this model's defaults filled in and its rules checked, warnings); reads no mutable
+        state but the adapter set, so a server may call it off the engine's thread. Does no expensive work."""
+        name = req.recipe or self.default_recipe()
+        r = get_recipe(name)
+        d = self.recipe_defaults(name)
+        sampler = req.sampler or d["sampler"]
+        timesteps = req.timesteps
+        steps = len(timesteps) if timesteps is not None else (req.steps or d["steps"])
+        if timesteps is None and sampler == r.sampler and steps in r.timesteps:
+            timesteps = r.timesteps[steps]  # the timesteps the method was trained on (DMD2, Hyper-SD's UNet)
+        if timesteps is not None and not SAMPLERS[sampler].consistency:
+            raise RequestError(f"custom timesteps work with the lcm and tcd samplers, not {sampler}",
+                               field="timesteps")
+        if req.timesteps is not None and req.steps is not None and req.steps != len(req.timesteps):
+            raise RequestError(f"steps {req.steps} and {len(req.timesteps)} timesteps disagree: give one of them",
+                               field="steps")
+        gamma = req.gamma if req.gamma is not None else (r.gamma if r.gamma is not None else DEFAULT_GAMMA)
+        guidance = d["guidance"] if req.guidance is None else req.guidance
         width, height = req.width, req.height
         if req.init_image is not None and (width is None or height is None):
             w0, h0 = req.init_image.size
             width, height = width or w0 - w0 % self.vae_factor, height or h0 - h0 % self.vae_factor
         width, height = width or self.native_size, height or self.native_size
-        for name, v in (("width", width), ("height", height)):
+        for field_name, v in (("width", width), ("height", height)):
             if v % self.vae_factor or v < self.vae_factor:
-                raise RequestError(f"{name} {v} is not a multiple of {self.vae_factor} (this model's latent factor): "
-                                   f"try {max(self.vae_factor, v - v % self.vae_factor)}")
-        req = replace(req, width=width, height=height)
-        warnings = []
+                raise RequestError(f"{field_name} {v} is not a multiple of {self.vae_factor} (this model's latent "
+                                   f"factor): try {max(self.vae_factor, v - v % self.vae_factor)}", field=field_name)
+        req = replace(req, recipe=name, sampler=sampler, steps=steps, timesteps=timesteps, gamma=gamma,
+                      guidance=guidance, width=width, height=height)
+        return req, self._warnings(req, r)
+
+    def _warnings(self, req, r):
+        warnings, (lo, hi) = [], r.guidance_range
         if self.full_lcm:
             if req.negative_prompt:
                 warnings.append("full LCM models take guidance as an embedding, not CFG: the negative prompt is "
                                 "ignored")
-        elif req.guidance <= 1 and req.negative_prompt:
+        elif not classifier_free(req.guidance) and req.negative_prompt:
             warnings.append(f"guidance {req.guidance} <= 1 turns classifier-free guidance off: the negative prompt is "
                             "ignored (use guidance 1.1-2 with LCM to apply it)")
         if not self.full_lcm and req.sampler in ("lcm", "tcd") and req.guidance > LCM_BURN_GUIDANCE:
             warnings.append(f"guidance {req.guidance} with the {req.sampler} sampler usually burns images "
                             f"(LCM-LoRAs want 1-{LCM_BURN_GUIDANCE:g})")
-        if req.sampler in ("lcm", "tcd") and not self.few_step:
+        elif r.name != "standard" and not self.full_lcm and not lo <= req.guidance <= hi:
+            warnings.append(f"guidance {req.guidance:g} is outside what the {r.name} recipe is made for ({lo:g}-{hi:g})")
+        mine = self.default_recipe()
+        if req.sampler in ("lcm", "tcd") and mine == "standard" and r.name in ("lcm", "tcd", "standard"):
             warnings.append(f"the {req.sampler} sampler on a model with no LCM-LoRA attached gives poor images "
                             "(attach one with lcm=True, or use the euler sampler)")
-        return req, warnings
+        elif r.name != "standard" and mine == "standard" and r.name not in ("lcm", "tcd"):
+            warnings.append(f"the {r.name} recipe on a model with no {r.title} adapter or UNet gives poor images "
+                            f"(attach one, e.g. load_lora(..., recipe={r.name!r}))")
+        elif mine not in ("standard", r.name) and r.name != "standard" and {mine, r.name} != {"lcm", "tcd"}:
+            warnings.append(f"the {r.name} recipe does not fit this model's few-step adapter or UNet, which is made "
+                            f"for the {mine} recipe")
+        return warnings
+
+    def noise_schedule_for(self, req):
+        """The NoiseSchedule a resolved request runs: the model's config with its sampler's scheduler defaults
+        where the config is silent (as diffusers' Scheduler.from_config) and the recipe's settings on top."""
+        r = get_recipe(req.recipe)
+        extra = dict(DDIM_CONFIG) if req.sampler == "ddim" else {}
+        key = (req.sampler == "ddim", tuple(sorted(r.config.items())))
+        if key not in self._schedules:
+            self._schedules[key] = self._noise_schedule(extra, r.config)
+        return self._schedules[key]
+
+    def _noise_schedule(self, defaults, overrides=None):
+        cfg = dict(defaults, **{k: v for k, v in self.c.scheduler_config.items() if v is not None})
+        cfg.update(overrides or {})
+        if self.prediction_type is not None:
+            cfg["prediction_type"] = self.prediction_type
+        return schedules.noise_schedule(cfg)
 
     def schedule(self, req):
-        """The Schedule the request runs (img2img strength applied)."""
-        ns, strength = self.noise_schedule, req.strength if req.init_image is not None else 1.0
+        """The Schedule a resolved request runs (img2img strength applied)."""
+        r = get_recipe(req.recipe)
+        ns = self.noise_schedule_for(req)
+        strength = req.strength if req.init_image is not None else 1.0
         strength = 1.0 if strength is None else strength
         if req.sampler == "lcm":
             return schedules.lcm_schedule(ns, req.steps, original_steps=req.original_steps, timesteps=req.timesteps,
@@ -168,7 +269,9 @@ class Engine:
         if req.sampler == "tcd":
             return schedules.tcd_schedule(ns, req.steps, gamma=req.gamma, original_steps=req.original_steps,
                                           timesteps=req.timesteps, strength=strength)
-        return schedules.euler_schedule(ns, req.steps, strength=strength)
+        if req.sampler == "ddim":
+            return schedules.ddim_schedule(ns, req.steps, spacing=r.spacing, strength=strength)
+        return schedules.euler_schedule(ns, req.steps, strength=strength, spacing=r.spacing)
 
     @torch.no_grad()
     def run(self, req, *, callback=None):
@@ -220,19 +323,23 @@ class Engine:
         last = [time.perf_counter()]
 
         def on_step(i, t, x):
+            # host-side times: on CUDA the loop does not wait for the GPU (no sync inside it), so a step's time is
+            # when its kernels were queued; the decode waits, so "total" is true (benchmarks synchronize per stage)
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now
             if callback:
                 callback(i, len(sched))
 
-        sampler = sampling.SAMPLERS[req.sampler]
+        sample = sampling.SAMPLERS[req.sampler]
         kw = {"timestep_scaling": self.noise_schedule.timestep_scaling} if req.sampler == "lcm" else {}
-        # The fresh noise of every step, drawn now in the generators' order and moved in one copy: a copy from
-        # host memory inside the loop would make the host wait for each step to finish on a GPU.
-        bank = [randn(shape) for _ in range(len(sched) - 1)] if req.sampler != "euler" else []
+        # Every step's fresh noise is drawn now, in the generators' order, and moved to the device before the loop
+        # (one copy per step's noise): a copy from host memory inside the loop would make the host wait for each
+        # step to finish on a GPU.
+        bank = [randn(shape) for _ in range(sampling.noise_draws(req.sampler, len(sched), req.gamma))]
+        bank.reverse()
         with OnDevice(self, self.c.unet):
-            latents = sampler(denoise, latents, sched, noise=lambda like: bank.pop(0), callback=on_step, **kw)
+            latents = sample(denoise, latents, sched, noise=lambda like: bank.pop(), callback=on_step, **kw)
         timings["steps"] = step_times
         t0 = time.perf_counter()
         images = self.decode(latents)
@@ -243,11 +350,13 @@ class Engine:
 
     def describe(self, req, sched):
         """The parameters that made an image, for metadata and reports."""
+        r = get_recipe(req.recipe)
         return dict(prompt=list(req.prompt), negative_prompt=req.negative_prompt, sampler=req.sampler,
+                    recipe=req.recipe, spacing=r.spacing if SAMPLERS[req.sampler].consistency is False else None,
                     steps=len(sched), guidance=req.guidance, width=req.width, height=req.height,
                     strength=req.strength if req.init_image is not None else None,
                     gamma=req.gamma if req.sampler == "tcd" else None, model=self.c.name,
-                    loras={n: s.weight for n, s in self.loras.items()})
+                    loras={n: s.weight for n, s in self.adapters.states.items()})
 
     # ---- the parts ---------------------------------------------------------------------------------------------
     def denoiser(self, prompts, req):
@@ -256,15 +365,15 @@ class Engine:
         for p in text.truncated(c.tokenizers[0], sorted(set(prompts))):
             log.warning("prompt longer than 77 tokens is truncated: %r", p[:60] + "...")
         cond, pooled = self.encode_prompts(prompts)
-        cfg = not self.full_lcm and req.guidance > 1
+        cfg = classifier_free(req.guidance, self.full_lcm)
         uncond = pooled_u = None
         if cfg:
-            if c.preset.xl and req.negative_prompt is None and c.force_zeros_for_empty_prompt:
+            if c.zeros_for_empty_prompt and req.negative_prompt is None:
                 uncond, pooled_u = torch.zeros_like(cond), torch.zeros_like(pooled)
             else:
                 uncond, pooled_u = self.encode_prompts([req.negative_prompt or ""] * len(prompts))
         added = added_u = None
-        if c.preset.xl or c.unet.config.get("addition_embed_type") == "text_time":
+        if c.preset.xl or c.added_conditions:
             # SDXL micro-conditioning: original size, crop top-left, target size (all the output size here)
             ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]] * len(prompts), device=dev)
             added = {"text_embeds": pooled, "time_ids": ids}
@@ -273,16 +382,14 @@ class Engine:
         if self.full_lcm:
             w = torch.full((len(prompts),), req.guidance - 1.0)
             tcond = guidance_embedding(w, c.unet.config.time_cond_proj_dim).to(dev)
-        return make_denoiser(self.unet_fn, cond, prediction_type=self.noise_schedule.prediction_type,
+        return make_denoiser(self.unet_fn, cond, prediction_type=self.noise_schedule_for(req).prediction_type,
                              guidance=req.guidance, uncond=uncond, added=added, added_uncond=added_u,
                              timestep_cond=tcond, dtype=self.dtype)
 
     def encode_prompts(self, prompts):
         """Text embeddings, cached per prompt and adapter set (a text-encoder LoRA changes them)."""
         c = self.c
-        from .lora import text_signature
-
-        key = (tuple(prompts), text_signature(self))
+        key = (tuple(prompts), self.adapters.text_signature())
         hit = self._prompt_cache.get(key)
         if hit is not None:
             self._prompt_cache.move_to_end(key)
@@ -305,22 +412,22 @@ class Engine:
             dist = vae.encode(x.to(self.device, vae.dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
         samples = [mean + std * torch.randn(mean.shape, generator=g).to(self.device) for g in gens]
-        return torch.cat(samples) * vae.config.scaling_factor
+        return latents.to_unet(vae, torch.cat(samples))
 
-    def decode(self, latents):
+    def decode(self, x):
         """PIL images from latents, one image at a time (the decoder's activations dominate memory)."""
         from PIL import Image
 
         dec = self.decoder
         images = []
-        for i in range(len(latents)):
+        for i in range(len(x)):
             with OnDevice(self, dec):
-                x = self.decode_fn((latents[i:i + 1] / dec.config.scaling_factor).to(dec.dtype), return_dict=False)[0]
-            x = x.float()
-            if self.check_finite and not torch.isfinite(x).all():
+                out = self.decode_fn(latents.to_vae(dec, x[i:i + 1]).to(dec.dtype), return_dict=False)[0]
+            out = out.float()
+            if self.check_finite and not torch.isfinite(out).all():
                 raise ResourceError(f"the decoded image has NaN/inf values (VAE overflow in {dec.dtype}): "
                                     "try --dtype fp32 or bf16")
-            arr = ((x / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+            arr = ((out / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
             images.append(Image.fromarray(arr))
         return images
 
@@ -336,7 +443,7 @@ class Engine:
 
     def estimate_bytes(self, batch, req):
         """Peak activation bytes: the UNet's first-level feature maps and attention, plus one image decode."""
-        cfg = 2 if (not self.full_lcm and req.guidance > 1) else 1
+        cfg = 2 if classifier_free(req.guidance, self.full_lcm) else 1
         elem = torch.finfo(self.dtype).bits // 8
         area = (req.height // self.vae_factor) * (req.width // self.vae_factor)
         ch = self.c.unet.config.block_out_channels[0]
@@ -393,3 +500,64 @@ def load_image(image):
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise RequestError(f"cannot read init image {image}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False, unet=None, recipe=None,
+         prediction_type=None, check_finite=True, **speed):
+    """fewstep.load: read and place the components, set up the fast path, attach the LCM-LoRA the request asks for.
+
+    unet: a UNet-only file or folder replacing the model's (a distilled Lightning / DMD2 / Hyper-SD UNet); recipe:
+    the recipe that UNet needs (guessed from its file name when left out); check_finite False lets NaN images
+    through (benchmarks on random weights, evaluations that score poor rows). lcm: True attaches the family's
+    published LCM-LoRA unless the model is few-step by itself; "auto" also skips it when another recipe is asked
+    for; a path attaches that file; False never.
+    """
+    from . import loading
+    from . import speed as speed_mod
+    from .errors import LoadError
+    from .recipes import detect
+
+    dev = loading.resolve_device(device)
+    dt = loading.resolve_dtype(dtype, dev)
+    settings = speed_mod.auto_settings(dev, **speed)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise LoadError("fp16 on the CPU is very slow and unsupported by many kernels: use bf16 or fp32")
+    if recipe is not None:
+        get_recipe(recipe)
+    if prediction_type is not None and prediction_type not in schedules.PREDICTION_TYPES:
+        raise LoadError(f"unknown prediction type {prediction_type!r} (use {', '.join(schedules.PREDICTION_TYPES)})")
+    if source is None:
+        from .default_model import NAME, default_model_path
+
+        path, name = default_model_path(), NAME
+    else:
+        path, name = source, Path(str(source)).name if Path(str(source)).exists() else str(source)
+    parts = loading.read_components(path, allow_pickle=allow_pickle, dtype=dt)
+    if unet is not None:
+        parts["unet"] = loading.read_unet(unet, parts["unet"], allow_pickle=allow_pickle, dtype=dt)
+        guessed, _ = detect(Path(str(unet)).name)
+        recipe = recipe or guessed
+        if prediction_type is None and recipe == "lightning" and re.search(r"x0", Path(str(unet)).name.lower()):
+            prediction_type = "sample"  # SDXL-Lightning's 1-step UNet predicts x0 (its card: prediction_type sample)
+        name = f"{name} + {Path(str(unet)).name}"
+    comps = loading.place(parts, path, name, torch.device("cpu") if settings.offload else dev, dt)
+    engine = Engine(comps, dev, dt, speed=settings, recipe=recipe, prediction_type=prediction_type,
+                    check_finite=check_finite)
+    wants_lcm = lcm is not False and not engine.full_lcm and engine.recipe is None
+    if lcm == "auto":
+        wants_lcm = wants_lcm and recipe in (None, "lcm", "tcd")
+    if wants_lcm:
+        src = engine.c.preset.lcm_lora if lcm in (True, "auto") else lcm
+        if src is None and engine.arch == "shapes":
+            from .default_model import default_lcm_lora
+
+            src = default_lcm_lora()
+            if src is None:
+                comps.notes.append("the shapes model's LCM-LoRA is not installed: using the teacher's own "
+                                   "sampler (Euler, 25 steps, guidance 4)")
+        elif src is None:
+            raise LoadError(f"there is no published LCM-LoRA for {engine.c.preset.title} models: pass a local one "
+                            "with --lcm PATH, or --no-lcm for the standard pipeline")
+        if src is not None:
+            engine.load_lora(src, name="lcm", weight=1.0, allow_pickle=allow_pickle, lcm=True)
+    return engine

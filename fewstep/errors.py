@@ -12,7 +12,11 @@ class LoadError(FewstepError):
 
 
 class RequestError(FewstepError):
-    """A generation request with an invalid parameter."""
+    """A generation request with an invalid parameter; `field` names it (a GenerateRequest field) where one does."""
+
+    def __init__(self, message, field=None):
+        super().__init__(message)
+        self.field = field
 
 
 class ResourceError(FewstepError):

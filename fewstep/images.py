@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-SAMPLER_NAMES = {"lcm": "LCM", "tcd": "TCD", "euler": "Euler"}
+from .recipes import SAMPLERS
 
 
 def parameters_text(params, seed):
@@ -12,9 +12,14 @@ def parameters_text(params, seed):
     lines = [prompt]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
-    fields = [("Steps", params["steps"]), ("Sampler", SAMPLER_NAMES.get(params["sampler"], params["sampler"])),
+    sampler = SAMPLERS[params["sampler"]].label if params["sampler"] in SAMPLERS else params["sampler"]
+    fields = [("Steps", params["steps"]), ("Sampler", sampler),
               ("CFG scale", f"{params['guidance']:g}"), ("Seed", seed),
               ("Size", f"{params['width']}x{params['height']}"), ("Model", params.get("model"))]
+    if params.get("spacing"):  # A1111's name for a forced timestep spacing (Lightning, Turbo: trailing)
+        fields.append(("Schedule type", params["spacing"].capitalize()))
+    if params.get("recipe") not in (None, "standard"):
+        fields.append(("Recipe", params["recipe"]))
     if params.get("strength") is not None:
         fields.append(("Denoising strength", f"{params['strength']:g}"))
     if params.get("gamma") is not None:

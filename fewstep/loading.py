@@ -2,20 +2,18 @@
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import arch
+from . import arch, sources
 from .errors import LoadError
+from .sources import PICKLE_SUFFIXES
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
              "StableDiffusionXLImg2ImgPipeline", "LatentConsistencyModelPipeline",
              "LatentConsistencyModelImg2ImgPipeline", "AutoPipelineForText2Image"}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a text-to-image folder needs from the hub: configs, tokenizers and safetensors weights, nothing else.
 HUB_PATTERNS = ["model_index.json", "*/*.json", "tokenizer*/*.txt", "*/diffusion_pytorch_model*.safetensors",
                 "*/model*.safetensors"]
@@ -43,6 +41,25 @@ class Components:
     @property
     def full_lcm(self):
         return self.unet.config.get("time_cond_proj_dim") is not None
+
+    @property
+    def vae_factor(self):
+        """Pixels per latent cell (8 for SD's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self):
+        return self.unet.config.sample_size * self.vae_factor
+
+    @property
+    def zeros_for_empty_prompt(self):
+        """SDXL-type models condition an empty negative prompt on zeros, not on the encoded "" (diffusers' rule)."""
+        return self.preset.xl and self.force_zeros_for_empty_prompt
+
+    @property
+    def added_conditions(self):
+        """The UNet takes SDXL's pooled text embedding and size/crop ids."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
 
 def resolve_device(device="auto"):
@@ -152,27 +169,9 @@ def _from_folder(folder, allow_pickle, dtype=torch.float32):
                 scheduler_config=sched, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", xl))
 
 
-def hub_snapshot(repo_id, patterns=HUB_PATTERNS):
-    """Local folder of a hub repo: the cache when it has it, else a download; a clear error offline."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any miss in the cache means "try the network"
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise LoadError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                        "download it first or pass a local path")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all mean "cannot get it"
-        raise LoadError(f"{repo_id} is not a local path, not in the Hugging Face cache, and could not be downloaded "
-                        f"({type(e).__name__}): check the name or your connection, or pass a local path") from None
-
-
 def read_components(source, *, allow_pickle=False, dtype=torch.float32):
     """Components on CPU in dtype from a folder, a single file or a hub id."""
-    path = Path(os.path.expanduser(str(source)))
+    path = sources.local_path(source)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise LoadError(f"{path} is a folder without model_index.json: give a diffusers model folder or a "
@@ -187,8 +186,8 @@ def read_components(source, *, allow_pickle=False, dtype=torch.float32):
                      tokenizers=[parts["tokenizer"]] + ([parts["tokenizer_2"]] if "tokenizer_2" in parts else []),
                      scheduler_config=parts["scheduler_config"],
                      force_zeros_for_empty_prompt=parts.get("force_zeros_for_empty_prompt", False))
-    elif HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        parts = _from_folder(hub_snapshot(str(source)), allow_pickle, dtype)
+    elif sources.is_hub_id(source):
+        parts = _from_folder(sources.hub_snapshot(str(source), HUB_PATTERNS), allow_pickle, dtype)
     else:
         raise LoadError(f"model {source} not found: give a diffusers folder, a .safetensors file or a hub id "
                         "(owner/name)")
@@ -246,40 +245,70 @@ def own_tensors(module):
     return len(done)
 
 
-def load_engine(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False, **speed):
-    """fewstep.load: read, place, attach the LCM-LoRA the request asks for, set up the fast path."""
-    from . import speed as speed_mod
-    from .engine import Engine
+def read_unet(source, base, *, allow_pickle=False, dtype=torch.float32):
+    """A UNet-only file or folder (a Lightning / DMD2 / Hyper-SD distilled UNet) for the model whose UNet is `base`:
+    a diffusers folder (config.json), or one file in diffusers or original (LDM/SGM) layout, safetensors or - with
+    allow_pickle - a pickle. Its tensors must fit `base`'s architecture exactly; on CPU in dtype."""
+    from diffusers import UNet2DConditionModel
 
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    settings = speed_mod.auto_settings(dev, **speed)
-    if dev.type == "cpu" and dt == torch.float16:
-        raise LoadError("fp16 on the CPU is very slow and unsupported by many kernels: use bf16 or fp32")
-    if source is None:
-        from .default_model import NAME, default_model_path
+    path = sources.resolve(source, what="UNet", patterns=["config.json", "*.safetensors"],
+                           expect="a UNet .safetensors file, a diffusers UNet folder or a hub id")
+    title = arch.PRESETS[arch.detect(base.config)].title
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) + (sorted(path.glob("*.bin")) if allow_pickle else [])
+        if not (path / "config.json").is_file() and len(files) == 1:
+            path = files[0]
+        elif not (path / "config.json").is_file():
+            raise LoadError(f"UNet {source}: a folder needs config.json and its weights, or exactly one weights file")
+        else:
+            try:
+                unet = UNet2DConditionModel.from_pretrained(str(path), torch_dtype=dtype,
+                                                            use_safetensors=None if allow_pickle else True)
+            except (OSError, EnvironmentError, ValueError) as e:
+                if any(path.glob("*.bin")) and not allow_pickle:
+                    raise LoadError(f"UNet {source} has only pickle weights (.bin), which can run code when loaded; "
+                                    "pass --allow-pickle if you trust them") from None
+                raise LoadError(f"cannot load UNet {source}: {str(e).splitlines()[0]}") from None
+            _check_unet_fits(unet.config, base.config, source, title)
+            return unet
+    from .singlefile import read_state_dict
 
-        path, name = default_model_path(), NAME
-    else:
-        path, name = source, Path(str(source)).name if Path(str(source)).exists() else str(source)
-    parts = read_components(path, allow_pickle=allow_pickle, dtype=dt)
-    engine = Engine(place(parts, path, name, torch.device("cpu") if settings.offload else dev, dt), dev, dt)
-    if lcm and not engine.full_lcm:
-        src = engine.c.preset.lcm_lora if lcm is True else lcm
-        if src is None and engine.arch == "shapes":
-            from .default_model import default_lcm_lora
+    if sources.is_pickle(path) and not allow_pickle:
+        raise LoadError(f"UNet {path.name} is a pickle file, which can run code when loaded: pass --allow-pickle "
+                        "(allow_pickle=True) if you trust it, or convert it to .safetensors")
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    ldm = "model.diffusion_model."
+    if any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in state):
+        state = {ldm + k: v for k, v in state.items()}
+    if any(k.startswith(ldm) for k in state):
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-            src = default_lcm_lora()
-            if src is None:
-                engine.c.notes.append("the shapes model's LCM-LoRA is not installed: using the teacher's own "
-                                      "sampler (Euler, 25 steps, guidance 4)")
-        elif src is None:
-            raise LoadError(f"there is no published LCM-LoRA for {engine.c.preset.title} models: pass a local one "
-                            "with --lcm PATH, or --no-lcm for the standard pipeline")
-        if src is not None:
-            from .lora import load_lora
+        try:
+            state = convert_ldm_unet_checkpoint(state, dict(base.config))
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:
+            raise LoadError(f"UNet {path.name} does not fit this {title} model's UNet: the original-layout tensors "
+                            f"do not convert ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(base.config)
+    expected = unet.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    misfit = [k for k in expected.keys() & state.keys() if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misfit:
+        what = (f"{len(missing)} of its tensors are missing (e.g. {missing[:2]})" if missing else
+                f"{len(unexpected)} tensors are not in it (e.g. {unexpected[:2]})" if unexpected else
+                f"{misfit[0]} has shape {tuple(state[misfit[0]].shape)}, not {tuple(expected[misfit[0]].shape)}")
+        raise LoadError(f"UNet {path.name} does not fit this {title} model's UNet: {what}; is it for another "
+                        "architecture?")
+    unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return unet.eval()
 
-            load_lora(engine, src, name="lcm", weight=1.0, allow_pickle=allow_pickle)
-            engine.lcm_lora = "lcm"
-    engine.speed_report = speed_mod.apply(engine, settings)
-    return engine
+
+def _check_unet_fits(theirs, ours, source, title):
+    keys = ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim", "addition_embed_type",
+            "transformer_layers_per_block", "layers_per_block")
+    for k in keys:
+        a, b = theirs.get(k), ours.get(k)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            raise LoadError(f"UNet {source} does not fit this {title} model's UNet: {k} is {a}, the model's is {b}; "
+                            "is it for another architecture?")

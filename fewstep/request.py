@@ -1,30 +1,42 @@
-"""Generation requests: one frozen dataclass, validated in one place; CLI flags and HTTP fields map onto it."""
+"""Generation requests: one frozen dataclass, validated in one place; CLI flags and HTTP fields map onto it.
 
-from dataclasses import dataclass, field, fields
+What can be checked without a model is checked here, when the request is made; what depends on the model (sizes,
+steps of a schedule, the recipe's defaults) is checked once more by Engine.resolve, before any work.
+"""
+
+from dataclasses import dataclass, field
 
 from .errors import RequestError
+from .recipes import RECIPES, SAMPLERS
 
-SAMPLERS = ("lcm", "tcd", "euler")
 MAX_IMAGES = 64
+
+
+def classifier_free(guidance, full_lcm=False):
+    """Whether a request runs classifier-free guidance (two UNet passes): guidance above 1, except on full LCMs,
+    which take guidance as an embedding. The one place this rule is written."""
+    return not full_lcm and guidance is not None and guidance > 1
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """What to generate. None means "the engine's default for its mode" (LCM: lcm, 4 steps, guidance 1)."""
+    """What to generate. None means "the engine's default": the recipe of its few-step adapter (LCM: lcm sampler,
+    4 steps, guidance 1), or the model's standard settings without one."""
 
     prompt: tuple = ("",)
     negative_prompt: str | None = None
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None
-    sampler: str | None = None
+    recipe: str | None = None  # a fewstep.recipes name: sampler, spacing, timesteps and defaults of a method
+    sampler: str | None = None  # overrides the recipe's sampler
     timesteps: tuple | None = None
     width: int | None = None
     height: int | None = None
     num_images: int = 1
     init_image: object = field(default=None, repr=False)  # PIL image or path
     strength: float | None = None
-    gamma: float = 0.3  # TCD's stochasticity (diffusers' eta)
+    gamma: float | None = None  # TCD's stochasticity (diffusers' eta); None: the recipe's (0.3)
     original_steps: int | None = None  # LCM/TCD grid size (diffusers' original_inference_steps)
     seeds: tuple | None = None  # explicit per-image seeds (one per prompt x num_images), e.g. for batched requests
 
@@ -33,39 +45,44 @@ class GenerateRequest:
         if isinstance(prompt, str):
             prompt = (prompt,)
         if not prompt or not all(isinstance(p, str) for p in prompt):
-            raise RequestError("prompt must be a string or a list of strings")
+            raise RequestError("prompt must be a string or a list of strings", field="prompt")
         object.__setattr__(self, "prompt", tuple(prompt))
         if self.timesteps is not None:
-            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            try:
+                object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            except (TypeError, ValueError):
+                raise RequestError("timesteps must be whole numbers", field="timesteps") from None
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise RequestError(f"unknown recipe {self.recipe!r} (use {', '.join(RECIPES)})", field="recipe")
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise RequestError(f"unknown sampler {self.sampler!r} (use {', '.join(SAMPLERS)})")
+            raise RequestError(f"unknown sampler {self.sampler!r} (use {', '.join(SAMPLERS)})", field="sampler")
         if self.steps is not None and not (isinstance(self.steps, int) and self.steps >= 1):
-            raise RequestError(f"steps must be a whole number >= 1, got {self.steps!r}")
-        if self.guidance is not None and self.guidance < 0:
-            raise RequestError(f"guidance must be >= 0, got {self.guidance}")
+            raise RequestError(f"steps must be a whole number >= 1, got {self.steps!r}", field="steps")
+        if self.guidance is not None and not self.guidance >= 0:
+            raise RequestError(f"guidance must be >= 0, got {self.guidance}", field="guidance")
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 8):
-                raise RequestError(f"{name} must be a whole number of pixels >= 8, got {v!r}")
+                raise RequestError(f"{name} must be a whole number of pixels >= 8, got {v!r}", field=name)
         if not isinstance(self.num_images, int) or not 1 <= self.num_images <= MAX_IMAGES:
-            raise RequestError(f"num_images must be in 1..{MAX_IMAGES}, got {self.num_images!r}")
+            raise RequestError(f"num_images must be in 1..{MAX_IMAGES}, got {self.num_images!r}", field="num_images")
         if self.strength is not None:
             if self.init_image is None:
-                raise RequestError("strength only applies to image-to-image: give an init image too")
+                raise RequestError("strength only applies to image-to-image: give an init image too",
+                                   field="strength")
             if not 0 < self.strength <= 1:
-                raise RequestError(f"strength must be in (0, 1], got {self.strength}")
+                raise RequestError(f"strength must be in (0, 1], got {self.strength}", field="strength")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise RequestError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}")
+            raise RequestError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}", field="seed")
         if self.seeds is not None:
             object.__setattr__(self, "seeds", tuple(self.seeds))
             if len(self.seeds) != len(self.prompt) * self.num_images:
                 raise RequestError(f"seeds: give one per image ({len(self.prompt) * self.num_images}), "
-                                   f"got {len(self.seeds)}")
+                                   f"got {len(self.seeds)}", field="seeds")
             if not all(isinstance(s, int) and 0 <= s < 2**63 for s in self.seeds):
-                raise RequestError("seeds must be whole numbers in [0, 2^63)")
-        if not 0 <= self.gamma <= 1:
-            raise RequestError(f"gamma must be in [0, 1], got {self.gamma}")
-
-    @classmethod
-    def field_names(cls):
-        return [f.name for f in fields(cls)]
+                raise RequestError("seeds must be whole numbers in [0, 2^63)", field="seeds")
+        if self.gamma is not None and not 0 <= self.gamma <= 1:
+            raise RequestError(f"gamma must be in [0, 1], got {self.gamma}", field="gamma")
+        if self.original_steps is not None and not (isinstance(self.original_steps, int) and self.original_steps >= 1):
+            raise RequestError(f"original_steps must be a whole number >= 1, got {self.original_steps!r}",
+                               field="original_steps")

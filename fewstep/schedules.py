@@ -5,13 +5,14 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from .arch import SD_SCHEDULER
 from .errors import RequestError
 
-# The keys of a diffusers scheduler config that change the arithmetic; everything else is ignored.
-DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, original_inference_steps=50,
-                timestep_scaling=10.0, rescale_betas_zero_snr=False, interpolation_type="linear",
-                use_karras_sigmas=False, clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=False)
+# The keys of a diffusers scheduler config that change the arithmetic (missing ones take SD's values); everything
+# else is ignored.
+DEFAULTS = dict(SD_SCHEDULER, prediction_type="epsilon", original_inference_steps=50, timestep_scaling=10.0,
+                rescale_betas_zero_snr=False, interpolation_type="linear", use_karras_sigmas=False, clip_sample=False,
+                clip_sample_range=1.0, set_alpha_to_one=False)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -100,30 +101,32 @@ def consistency_timesteps(ns, steps=None, *, original_steps=None, timesteps=None
     if timesteps is not None:
         ts = [int(t) for t in timesteps]
         if not ts:
-            raise RequestError("timesteps: give at least one timestep")
+            raise RequestError("timesteps: give at least one timestep", field="timesteps")
         if any(b >= a for a, b in zip(ts, ts[1:])):
-            raise RequestError(f"timesteps must be strictly descending, got {ts}")
+            raise RequestError(f"timesteps must be strictly descending, got {ts}", field="timesteps")
         if ts[0] >= n_train or ts[-1] < 0:
-            raise RequestError(f"timesteps must lie in [0, {n_train - 1}], got {ts}")
+            raise RequestError(f"timesteps must lie in [0, {n_train - 1}], got {ts}", field="timesteps")
         if strength < 1.0:
             # as diffusers: img2img with custom timesteps skips the first ones
             keep = min(int(len(ts) * strength), len(ts))
             ts = ts[len(ts) - keep:]
             if not ts:
-                raise RequestError(f"strength {strength} leaves no step of the {len(timesteps)} timesteps given")
+                raise RequestError(f"strength {strength} leaves no step of the {len(timesteps)} timesteps given",
+                                   field="timesteps")
         return ts
     if not 1 <= original_steps <= n_train:
-        raise RequestError(f"original_inference_steps must be in 1..{n_train}, got {original_steps}")
+        raise RequestError(f"original_inference_steps must be in 1..{n_train}, got {original_steps}",
+                           field="original_steps")
     k = n_train // original_steps
     grid = [(i + 1) * k - 1 for i in range(int(original_steps * strength))][::-1]
     if steps is None or steps < 1:
-        raise RequestError(f"steps must be at least 1, got {steps}")
+        raise RequestError(f"steps must be at least 1, got {steps}", field="steps")
     if steps > original_steps:
         raise RequestError(f"steps {steps} is more than this sampler's {original_steps}-point grid allows "
-                           f"(use 1-{original_steps}, or raise original_inference_steps)")
+                           f"(use 1-{original_steps}, or raise original_inference_steps)", field="steps")
     if steps > len(grid):
         raise RequestError(f"strength {strength} leaves {len(grid)} of the {original_steps} grid points, fewer than "
-                           f"steps {steps}: raise strength or lower steps")
+                           f"steps {steps}: raise strength or lower steps", field="strength")
     # numpy's float linspace, not exact integer division: diffusers floors these floats, and they differ at some sizes
     idx = np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)
     return [grid[i] for i in idx]
@@ -140,7 +143,7 @@ def lcm_schedule(ns, steps=None, *, original_steps=None, timesteps=None, strengt
 def tcd_schedule(ns, steps=None, *, gamma=0.3, original_steps=None, timesteps=None, strength=1.0):
     """Schedule for sample_tcd: alpha_bar at t, at the next timestep (0 after the last) and at s."""
     if not 0.0 <= gamma <= 1.0:
-        raise RequestError(f"gamma (TCD eta) must be in [0, 1], got {gamma}")
+        raise RequestError(f"gamma (TCD eta) must be in [0, 1], got {gamma}", field="gamma")
     ts = consistency_timesteps(ns, steps, original_steps=original_steps, timesteps=timesteps, strength=strength)
     ac = ns.alphas_cumprod
     nxt = ts[1:] + [0]
@@ -154,7 +157,7 @@ def spaced_timesteps(ns, steps, spacing=None, *, integer):
     spacing = spacing or ns.timestep_spacing
     n_train = ns.num_train_timesteps
     if not 1 <= steps <= n_train:
-        raise RequestError(f"steps must be in 1..{n_train}, got {steps}")
+        raise RequestError(f"steps must be in 1..{n_train}, got {steps}", field="steps")
     if spacing == "linspace":
         ts = np.linspace(0, n_train - 1, steps)[::-1]
         ts = ts.round() if integer else ts  # DDIM rounds to integers; Euler keeps the fractions and interpolates
@@ -173,7 +176,7 @@ def img2img_start(steps, strength, sampler):
     keep = min(int(steps * strength), steps)
     if keep < 1:
         raise RequestError(f"strength {strength} with {steps} {sampler} steps runs no step: steps x strength must "
-                           f"be at least 1 (raise strength or steps)")
+                           f"be at least 1 (raise strength or steps)", field="strength")
     return steps - keep
 
 
@@ -205,7 +208,7 @@ def ddim_schedule(ns, steps, *, spacing=None, strength=1.0):
     ts = spaced_timesteps(ns, steps, spacing, integer=True)
     if ts[0] >= n_train:
         raise RequestError(f"{steps} leading steps with steps_offset {ns.steps_offset} reach timestep {ts[0]}, past "
-                           f"the model's last ({n_train - 1}): use fewer steps")
+                           f"the model's last ({n_train - 1}): use fewer steps", field="steps")
     ac = ns.alphas_cumprod
     # as diffusers: the previous timestep is t - n_train // steps, which for trailing and linspace spacing is not
     # always the next timestep in the list; before timestep 0 it is the "final" alpha_bar

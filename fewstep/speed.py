@@ -1,7 +1,8 @@
 """How fast, apart from what: memory format, compilation, the tiny decoder, offload. Model code stays eager.
 
-Settings are chosen per device by `auto_settings` and applied by `apply`; compiled callables live on the engine
-(engine.unet_fn, engine.decode_fn), never rebound globals.
+Settings are chosen per device by `auto_settings`; `build` turns them into a FastPath (the decoder that runs and the
+hot callables, compiled or graphed) that the Engine keeps, never rebound globals. It runs when the Engine is made,
+before any adapter is fused, so adapters always fuse into weights already in their final memory layout.
 """
 
 import contextlib
@@ -63,16 +64,11 @@ def load_tiny_decoder(spec, xl, device, dtype):
     """AutoencoderTiny from "tiny" (the TAESD/TAESDXL hub repo), a local folder or a hub id."""
     from diffusers import AutoencoderTiny
 
-    from .loading import HUB_ID, hub_snapshot
+    from .sources import resolve
 
     src = TINY_DECODERS[xl] if spec == "tiny" else spec
-    from pathlib import Path
-
-    path = Path(src).expanduser()
-    if not path.exists():
-        if not HUB_ID.match(src):
-            raise LoadError(f"tiny decoder {src} not found: give a folder with an AutoencoderTiny or a hub id")
-        path = hub_snapshot(src, patterns=["config.json", "*.safetensors"])
+    path = resolve(src, what="tiny decoder", patterns=["config.json", "*.safetensors"],
+                   expect="a folder with an AutoencoderTiny or a hub id")
     try:
         dec = AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype)
     except (OSError, ValueError) as e:
@@ -80,17 +76,29 @@ def load_tiny_decoder(spec, xl, device, dtype):
     return dec.to(device).eval().requires_grad_(False)
 
 
-def apply(engine, settings, *, tiny_decoder=None):
-    """Apply settings to a loaded engine; returns a dict of what was done.
+class FastPath:
+    """What runs: the decoder (the full VAE, a view of it with sub-pixel upsamplers, or a tiny one) and the hot
+    callables (eager modules, compiled functions or CUDA-graph replays); `report` says what was done."""
+
+    def __init__(self, settings, unet_fn, decoder, decode_fn, report):
+        self.settings, self.unet_fn, self.decoder, self.decode_fn, self.report = (settings, unet_fn, decoder,
+                                                                                   decode_fn, report)
+
+
+def build(components, device, dtype, settings=None, *, tiny_decoder=None):
+    """The FastPath of settings over components (placed already); changes module layouts in place, so it runs
+    before any adapter is fused (Engine.__init__). None settings: everything off (the eager modules as they are).
 
     tiny_decoder: an AutoencoderTiny to use when settings.vae is not "full" (benchmarks pass one with random weights).
     """
-    c, done = engine.c, {}
+    c, done = components, {}
+    settings = settings or SpeedSettings()
+    decoder = c.vae
     if settings.vae not in ("full", None):
-        engine.decoder = tiny_decoder or load_tiny_decoder(settings.vae, c.preset.xl, engine.device, engine.dtype)
+        decoder = tiny_decoder or load_tiny_decoder(settings.vae, c.preset.xl, device, dtype)
         done["decoder"] = "tiny"
-    if settings.phase_upsample and engine.decoder is c.vae:
-        engine.decoder, count = phase_upsample_view(c.vae)
+    if settings.phase_upsample and decoder is c.vae:
+        decoder, count = phase_upsample_view(c.vae)
         if count:
             done["phase_upsample"] = count
     if settings.fused_qkv:
@@ -99,22 +107,21 @@ def apply(engine, settings, *, tiny_decoder=None):
         c.unet.to(memory_format=torch.channels_last)
         done["channels_last"] = True
     if settings.decoder_channels_last:
-        engine.decoder.to(memory_format=torch.channels_last)
+        decoder.to(memory_format=torch.channels_last)
         done["decoder_channels_last"] = True
-    if settings.attention_slicing and engine.device.type == "mps":
+    if settings.attention_slicing and device.type == "mps":
         c.unet.set_attention_slice("auto")
         done["attention_slicing"] = True
-    engine.unet_fn, engine.decode_fn = c.unet, engine.decoder.decode
+    unet_fn, decode_fn = c.unet, decoder.decode
     if settings.compile:
         # Only the hot callables are compiled; weights change in place (LoRA fuse), so compiled code stays valid.
-        engine.unet_fn = torch.compile(c.unet, mode=settings.compile_mode, fullgraph=False, dynamic=False)
-        engine.decode_fn = torch.compile(engine.decoder.decode, mode=settings.compile_mode, dynamic=False)
+        unet_fn = torch.compile(c.unet, mode=settings.compile_mode, fullgraph=False, dynamic=False)
+        decode_fn = torch.compile(decoder.decode, mode=settings.compile_mode, dynamic=False)
         done["compile"] = settings.compile_mode
     elif settings.cuda_graphs:
-        engine.unet_fn = GraphedUNet(c.unet)
+        unet_fn = GraphedUNet(c.unet)
         done["cuda_graphs"] = True
-    engine.speed = settings
-    return done
+    return FastPath(settings, unet_fn, decoder, decode_fn, done)
 
 
 class PhaseUpsample(torch.nn.Module):

@@ -110,7 +110,7 @@ def test_bf16_engine_stays_close_to_fp32(models):
 def test_nan_images_are_refused(models, monkeypatch):
     engine = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
     real = engine.decode_fn
-    monkeypatch.setattr(engine, "decode_fn", lambda z, return_dict=False: (real(z, return_dict=False)[0] * float("nan"),))
+    monkeypatch.setattr(engine.fast, "decode_fn", lambda z, return_dict=False: (real(z, return_dict=False)[0] * float("nan"),))
     with pytest.raises(ResourceError, match="NaN"):
         engine.generate("a cat", sampler="lcm", steps=1, guidance=1.0, seed=0)
 
@@ -119,7 +119,7 @@ def test_request_errors(models):
     engine = fewstep.load(models("sd"), device="cpu", dtype="fp32", lcm=False)
     cases = [(dict(width=63), "multiple of 2"), (dict(steps=51, sampler="lcm"), "more than"),
              (dict(guidance=-1), "guidance must be >= 0"), (dict(strength=0.5), "init image"),
-             (dict(sampler="ddim"), "unknown sampler"), (dict(num_images=0), "num_images"),
+             (dict(sampler="dpm"), "unknown sampler"), (dict(num_images=0), "num_images"),
              (dict(timesteps=(999, 999), sampler="lcm"), "descending"), (dict(init_image="/nonexistent.png"), "cannot read init image"),
              (dict(timesteps=(999, 500), sampler="euler"), "custom timesteps")]
     for kw, message in cases:

@@ -139,7 +139,7 @@ def test_what_clients_ask_first(served):
     assert c.get("/health").json() == {"status": "ok"}
     models = c.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "shapes-teacher-v1"
-    assert [s["name"] for s in c.get("/sdapi/v1/samplers").json()] == ["LCM", "TCD", "Euler"]
+    assert [s["name"] for s in c.get("/sdapi/v1/samplers").json()] == ["LCM", "TCD", "Euler", "Euler a", "DDIM"]
     assert c.get("/sdapi/v1/loras").json() == [{"name": "style", "alias": "style"}]
     assert c.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "shapes-teacher-v1"
     assert c.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": "shapes-teacher-v1"}

@@ -57,8 +57,11 @@ def lora_dir(tmp_path):
 
 
 def spec(prompt="p", seeds=(0,), steps=2, loras=(), **kw):
-    return Spec(prompt=prompt, seeds=tuple(seeds), negative_prompt=None, steps=steps, guidance=1.0, sampler="lcm",
-                width=64, height=64, loras=tuple(loras), **kw)
+    from fewstep.request import GenerateRequest
+
+    seeds = tuple(seeds)
+    return Spec(GenerateRequest(prompt=prompt, seeds=seeds, num_images=len(seeds), steps=steps, guidance=1.0,
+                                recipe="lcm", sampler="lcm", width=64, height=64, **kw), loras=tuple(loras))
 
 
 def make(engine, lora_dir, **kw):

@@ -3,11 +3,15 @@
 Names load lazily: `fewstep.lora.cli` and `fewstep.lora.prompt` must stay importable without torch.
 """
 
-__all__ = ["LoraReport", "LoraState", "load_lora", "open_lora", "read_lora", "release_buffers", "set_lora_weights",
-           "text_signature", "unload_lora", "unload_loras"]
+__all__ = ["AdapterSet", "LoraReport", "LoraState", "load_lora", "open_lora", "read_lora", "release_buffers",
+           "set_lora_weights", "unload_lora", "unload_loras"]
 
 
 def __getattr__(name):
+    if name == "AdapterSet":
+        from .adapters import AdapterSet
+
+        return AdapterSet
     if name in __all__:
         from . import apply
 

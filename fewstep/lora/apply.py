@@ -2,7 +2,6 @@
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import sources
 from ..errors import LoadError, RequestError
 from . import fuse as fusing
 from .formats import LAYOUTS, check_shapes, conflict, guess_arch, model_arch, module_index, peft_alphas, plan, scale_of
@@ -76,25 +76,12 @@ class LoraState:
     weight: float
     factors: dict
     report: LoraReport
-    lcm: bool = False
+    recipe: str | None = None  # the few-step recipe this adapter makes (fewstep.recipes): "lcm" for the LCM-LoRA
     uid: int = field(default_factory=lambda: next(_uid))
 
     @property
-    def deltas(self):  # the name older code used
-        return self.factors
-
-    @property
-    def touches_text(self):
-        return any(component != "unet" for component, _ in self.factors)
-
-
-def text_signature(engine):
-    """What prompt embeddings may depend on: the active adapters, by load identity (not name) and weight.
-
-    A file reloaded under the same name is a new identity, so it never meets embeddings cached for the old one.
-    (UNet-only adapters, s.touches_text False, could be left out for more cache hits; kept in, conservatively.)
-    """
-    return tuple(sorted((s.uid, s.weight) for s in engine.loras.values() if s.weight != 0))
+    def lcm(self):
+        return self.recipe == "lcm"
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
@@ -141,13 +128,8 @@ class LoraSource:
 
 def lora_path(src, weight_name=None):
     """The file of a LoRA given as a file, a folder or a hub id (weight_name picks a file in a folder or repo)."""
-    path = Path(os.path.expanduser(str(src)))
-    if not path.exists():
-        from ..loading import HUB_ID, hub_snapshot
-
-        if not HUB_ID.match(str(src)) or str(src).startswith((".", "/", "~")):
-            raise LoadError(f"LoRA {src} not found: give a .safetensors file, a folder or a hub id")
-        path = hub_snapshot(str(src), patterns=[weight_name or "*.safetensors"])
+    path = sources.resolve(src, what="LoRA", patterns=[weight_name or "*.safetensors"],
+                           expect="a .safetensors file, a folder or a hub id")
     if path.is_dir():
         files = sorted(path.glob(weight_name or "*.safetensors"))
         if len(files) != 1:
@@ -164,7 +146,7 @@ def open_lora(src, *, allow_pickle=False, weight_name=None):
         tensors = {k: v for k, v in src.items() if isinstance(v, torch.Tensor)}
         return LoraSource("(state dict)", {k: tuple(v.shape) for k, v in tensors.items()}, tensors=tensors)
     path = lora_path(src, weight_name)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         if not allow_pickle:
             raise LoadError(f"{path.name} is a pickle file, which can run code when loaded: pass --allow-pickle "
                             "(allow_pickle=True) if you trust it, or convert it to .safetensors")
@@ -193,27 +175,20 @@ def read_lora(src, *, allow_pickle=False, weight_name=None):
     return open_lora(src, allow_pickle=allow_pickle, weight_name=weight_name).state_dict()
 
 
-# ---- the engine's side -----------------------------------------------------------------------------------------
-def components(engine):
-    """{component name: module} a LoRA can target: the UNet and the text encoder(s)."""
-    comps = {"unet": engine.c.unet}
-    for i, enc in enumerate(engine.c.text_encoders):
-        comps["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = enc
-    return comps
+# ---- the adapter set's side (an Engine's AdapterSet, fewstep.lora.adapters) -------------------------------------
+def _adapters(owner):
+    """The AdapterSet of an Engine, or the set itself."""
+    return getattr(owner, "adapters", owner)
 
 
-def base_weights(engine):
+def base_weights(owner):
     """(component, path) -> the saved base copy, for every tensor that holds adapters now."""
-    return fusing.store(engine).saved
+    return _adapters(owner).base.saved
 
 
-def fuse(engine, targets):
-    fusing.fuse(engine, targets, components(engine))
-
-
-def release_buffers(engine):
+def release_buffers(owner):
     """Free the spare base-copy buffers kept for reuse after unloading (see fuse.BaseStore)."""
-    fusing.store(engine).release()
+    _adapters(owner).release()
 
 
 def _default_name(src):
@@ -222,26 +197,32 @@ def _default_name(src):
     return Path(str(src).rstrip("/")).stem
 
 
-def load_lora(engine, src, *, name=None, weight=1.0, allow_pickle=False, weight_name=None, min_match=None,
-              lcm=False):
-    """Read, check and fuse a LoRA into the engine; all or nothing. Returns a LoraReport.
+def load_lora(adapters, src, *, name=None, weight=1.0, allow_pickle=False, weight_name=None, min_match=None,
+              lcm=False, recipe=None):
+    """Read, check and fuse a LoRA into an AdapterSet (or an Engine's); all or nothing. Returns a LoraReport.
 
-    Refused, with the engine unchanged: an unsupported adapter kind, a LoRA for another architecture, one whose
+    Refused, with the weights unchanged: an unsupported adapter kind, a LoRA for another architecture, one whose
     tensors match under min_match (default MIN_MATCH) of this model's modules, a shape misfit, NaN/inf values.
-    lcm=True marks it as the engine's LCM-LoRA (few-step defaults).
+    recipe: the few-step recipe it makes (its defaults apply while it is active); lcm=True means recipe="lcm".
     """
     t0 = time.perf_counter()
+    adapters = _adapters(adapters)
+    recipe = "lcm" if lcm and recipe is None else recipe
+    if recipe is not None:
+        from ..recipes import get_recipe
+
+        get_recipe(recipe)  # an unknown name is refused before any work
     name = name or _default_name(src)
-    if name in engine.loras:
+    if name in adapters.states:
         raise LoadError(f"a LoRA named {name!r} is already loaded: unload it first or pick another name")
     weight = _check_weight(name, weight)
     source = open_lora(src, allow_pickle=allow_pickle, weight_name=weight_name)
-    label, title = source.label, engine.c.preset.title
+    label, title = source.label, adapters.c.preset.title
     if not source.shapes:
         raise LoadError(f"LoRA {label} holds no tensors: the file is empty")
-    comps = components(engine)
+    comps = adapters.modules()
     p = plan(source.keys, module_index(comps))
-    theirs, ours = guess_arch(source.keys, source.shapes), model_arch(engine.c.unet, engine.c.text_encoders)
+    theirs, ours = guess_arch(source.keys, source.shapes), model_arch(adapters.c.unet, adapters.c.text_encoders)
     if conflict(theirs, ours):
         width = f" ({ours.cross}-wide cross-attention)" if theirs.cross and ours.cross != theirs.cross else ""
         raise LoadError(f"LoRA {label} is for another architecture, {theirs.label}, and this model is {title}{width}: "
@@ -265,16 +246,14 @@ def load_lora(engine, src, *, name=None, weight=1.0, allow_pickle=False, weight_
     report = _report(name, label, p, factors, theirs.label if theirs.family or theirs.cross else title, dtype,
                      locon=any(len(source.shapes[g["down"]]) == 4 and source.shapes[g["down"]][-1] > 1
                                for g in p.groups.values()))
-    state = LoraState(name, label, weight, factors, report, lcm=lcm)
-    engine.loras[name] = state
+    state = LoraState(name, label, weight, factors, report, recipe=recipe)
+    adapters.states[name] = state
     try:
-        fuse(engine, set(factors))
+        adapters.fuse(set(factors))
     except BaseException:
-        del engine.loras[name]
-        fuse(engine, set(factors))
+        del adapters.states[name]
+        adapters.fuse(set(factors))
         raise
-    if lcm:
-        engine.lcm_lora = name
     report.seconds = dict(read=round(t1 - t0, 4), fuse=round(time.perf_counter() - t1, 4))
     if p.unmatched:
         log.warning("LoRA %s: %d of %d tensors matched nothing in this %s model and were not applied, e.g. %s", name,
@@ -322,42 +301,46 @@ def _report(name, label, p, factors, arch, dtype, locon):
 
 
 # ---- weights and unloading -----------------------------------------------------------------------------------
-def set_lora_weights(engine, weights):
+def _check_loaded(adapters, name):
+    if name not in adapters.states:
+        raise LoadError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(adapters.states) or 'none'})")
+
+
+def set_lora_weights(adapters, weights):
     """Change adapter weights; only the tensors those adapters touch are re-fused. All or nothing."""
+    adapters = _adapters(adapters)
+    states = adapters.states
     for name in weights:
-        if name not in engine.loras:
-            raise LoadError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(engine.loras) or 'none'})")
+        _check_loaded(adapters, name)
     new = {name: _check_weight(name, w) for name, w in weights.items()}
-    old = {name: engine.loras[name].weight for name in new}
+    old = {name: states[name].weight for name in new}
     touched = set()
     for name, w in new.items():
         if w != old[name]:
-            touched |= set(engine.loras[name].factors)
-        engine.loras[name].weight = w
+            touched |= set(states[name].factors)
+        states[name].weight = w
     try:
-        fuse(engine, touched)
+        adapters.fuse(touched)
     except BaseException:
         for name, w in old.items():
-            engine.loras[name].weight = w
-        fuse(engine, touched)
+            states[name].weight = w
+        adapters.fuse(touched)
         raise
 
 
-def unload_lora(engine, name):
+def unload_lora(adapters, name):
     """Remove one adapter; the tensors it touched get base + the other adapters, from the saved base (exact)."""
-    if name not in engine.loras:
-        raise LoadError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(engine.loras) or 'none'})")
-    state = engine.loras.pop(name)
-    if engine.lcm_lora == name:
-        engine.lcm_lora = None
-    fuse(engine, set(state.factors))
+    adapters = _adapters(adapters)
+    _check_loaded(adapters, name)
+    state = adapters.states.pop(name)
+    adapters.fuse(set(state.factors))
 
 
-def unload_loras(engine):
+def unload_loras(adapters):
     """Remove every adapter; every touched tensor gets its base value back, bit for bit."""
+    adapters = _adapters(adapters)
     touched = set()
-    for state in engine.loras.values():
+    for state in adapters.states.values():
         touched |= set(state.factors)
-    engine.loras.clear()
-    engine.lcm_lora = None
-    fuse(engine, touched)
+    adapters.states.clear()
+    adapters.fuse(touched)

@@ -46,8 +46,8 @@ class BaseStore:
         return buf
 
     def aligned(self, key, weight):
-        """The saved base of key in the weight's current memory layout: a weight whose layout changed since the copy
-        was made (the LCM-LoRA is fused at load, before channels_last is set) gets its copy re-laid out, once."""
+        """The saved base of key in the weight's current memory layout. The engine sets its layout before any
+        adapter is fused, so this only re-lays out a copy when someone changed a module's layout by hand since."""
         buf = self.saved[key]
         if buf.stride() != weight.stride():
             fresh = torch.empty_like(weight, device=buf.device, pin_memory=buf.is_pinned())
@@ -64,11 +64,6 @@ class BaseStore:
     def release(self):
         """Free the spare buffers (the saved copies of tensors that hold adapters stay)."""
         self.spare.clear()
-
-    @property
-    def nbytes(self):
-        saved = sum(t.nbytes for t in self.saved.values())
-        return saved, sum(t.nbytes for pool in self.spare.values() for t in pool)
 
 
 def _slot(t, device):
@@ -92,19 +87,12 @@ def _matrix(weight):
     return None, False
 
 
-def store(engine):
-    if not hasattr(engine, "_lora_base"):
-        engine._lora_base = BaseStore()
-    return engine._lora_base
+def fuse(base, active, targets, modules):
+    """Set each target weight to its saved base + the active adapters' weighted products (base alone if none).
 
-
-def fuse(engine, targets, modules):
-    """Set each target weight to base + the active adapters' weighted products (base alone if none is active).
-
-    modules: {component: torch module}. Targets are done one at a time, so the extra memory is one product.
+    base: the BaseStore; active: the adapters with a non-zero weight; modules: {component: torch module}.
+    Targets are done one at a time, so the extra memory is one product.
     """
-    base = store(engine)
-    active = [s for s in engine.loras.values() if s.weight != 0]
     with torch.no_grad():
         for key in sorted(targets):
             weight = modules[key[0]].get_submodule(key[1]).weight

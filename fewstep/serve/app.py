@@ -20,8 +20,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import Cancelled, FewstepError, LoadError, ResourceError
-from ..images import SAMPLER_NAMES
-from ..request import SAMPLERS
+from ..recipes import RECIPES, SAMPLERS
 from . import dialects
 from .adapters import Adapters
 from .batcher import Batcher, GenerationFailed, QueueFull, TimedOut
@@ -219,7 +218,7 @@ def create_app(engine, config=None):
             return error(503, str(e))
         if isinstance(e, LoadError):  # a file in --lora-dir that does not fit this model
             return error(422, str(e), "loras")
-        return error(422, str(e), dialects.field_of(str(e)))
+        return error(422, str(e), getattr(e, "field", None))
 
     @app.exception_handler(GenerationFailed)
     async def on_failed(request, e):
@@ -287,7 +286,7 @@ def create_app(engine, config=None):
 
     @app.get("/sdapi/v1/samplers")
     async def samplers():
-        return [{"name": SAMPLER_NAMES[s], "aliases": [s], "options": {}} for s in SAMPLERS]
+        return [{"name": s.label, "aliases": [s.name, *s.aliases], "options": {}} for s in SAMPLERS.values()]
 
     @app.get("/sdapi/v1/loras")
     async def loras():
@@ -303,7 +302,8 @@ def create_app(engine, config=None):
         c = config
         return {"model": server.model, "version": __version__, "notes": list(engine.c.notes),
                 "native_size": engine.native_size,
-                "size_step": engine.vae_factor, "defaults": engine.defaults(), "samplers": list(SAMPLERS),
+                "size_step": engine.vae_factor, "defaults": engine.defaults(), "recipe": engine.default_recipe(),
+                "samplers": list(SAMPLERS), "recipes": list(RECIPES),
                 "loras": server.adapters.available(),
                 "limits": {"max_size": c.max_size, "max_images": c.max_images, "max_steps": c.max_steps,
                            "max_guidance": c.max_guidance, "max_lora_weight": c.max_lora_weight,

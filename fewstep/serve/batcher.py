@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 
 from ..errors import Cancelled, FewstepError
 from ..request import GenerateRequest
@@ -38,31 +38,40 @@ class GenerationFailed(Exception):
     """An unexpected engine failure (a bug or a device fault), reported to the requests of its batch."""
 
 
+# What may differ between the requests of one engine call: each image has its own prompt and seed.
+PER_IMAGE = ("prompt", "seeds", "seed", "num_images", "init_image")
+
+
 @dataclass(frozen=True)
 class Spec:
-    """One request as the engine will run it: defaults resolved, one seed per image, a canonical adapter set."""
+    """One request as the engine will run it: the request resolved by the engine (defaults filled in, checked,
+    one seed per image) and its canonical adapter set ((name, weight), ...) sorted, no zero weights."""
 
-    prompt: str
-    seeds: tuple
-    negative_prompt: str | None
-    steps: int
-    guidance: float
-    sampler: str
-    width: int
-    height: int
-    loras: tuple = ()  # ((name, weight), ...) sorted, no zero weights
-    init_image: object = field(default=None, repr=False, compare=False)
-    strength: float | None = None
+    request: GenerateRequest
+    loras: tuple = ()
+
+    @property
+    def prompt(self):
+        return self.request.prompt[0]
+
+    @property
+    def seeds(self):
+        return self.request.seeds
 
     @property
     def n(self):
-        return len(self.seeds)
+        return len(self.request.seeds)
+
+    def __getattr__(self, name):  # the request's fields read through: spec.steps, spec.width, spec.sampler...
+        if name.startswith("_") or name == "request":
+            raise AttributeError(name)
+        return getattr(self.request, name)
 
     def key(self):
         """Requests with equal keys can run in one engine call."""
-        image = None if self.init_image is None else id(self.init_image)  # one init image per engine call
-        return (self.steps, self.guidance, self.sampler, self.width, self.height, self.negative_prompt, self.loras,
-                self.strength, image)
+        r = self.request
+        image = None if r.init_image is None else id(r.init_image)  # one init image per engine call
+        return tuple(getattr(r, f.name) for f in fields(r) if f.name not in PER_IMAGE) + (image, self.loras)
 
 
 def random_seeds(n, seed=None):
@@ -266,11 +275,9 @@ class Batcher:
             self.adapters.apply(spec.loras)
             if self.metrics and self.adapters.switches != before:
                 self.metrics.adapter_switches.inc()
-            req = GenerateRequest(
-                prompt=tuple(j.spec.prompt for j, _, count in batch for _ in range(count)),
-                seeds=tuple(s for j, start, count in batch for s in j.spec.seeds[start:start + count]),
-                negative_prompt=spec.negative_prompt, steps=spec.steps, guidance=spec.guidance, sampler=spec.sampler,
-                width=spec.width, height=spec.height, init_image=spec.init_image, strength=spec.strength)
+            req = replace(spec.request, num_images=1,
+                          prompt=tuple(j.spec.prompt for j, _, count in batch for _ in range(count)),
+                          seeds=tuple(s for j, start, count in batch for s in j.spec.seeds[start:start + count]))
 
             def on_step(i, total):
                 if self.metrics:
@@ -312,13 +319,3 @@ class Batcher:
             job.deliver(start, gen.images[k:k + count], params, seconds, n, gen.warnings)
             k += count
 
-
-def check_request(engine, spec):
-    """The engine's own checks of a Spec, without touching engine state (safe off the worker thread)."""
-    req = GenerateRequest(prompt=spec.prompt, seeds=spec.seeds, num_images=len(spec.seeds),
-                          negative_prompt=spec.negative_prompt, steps=spec.steps, guidance=spec.guidance,
-                          sampler=spec.sampler, width=spec.width, height=spec.height, init_image=spec.init_image,
-                          strength=spec.strength)
-    req, _ = engine.resolve(req)
-    engine.schedule(req)
-    return req

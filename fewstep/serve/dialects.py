@@ -7,19 +7,18 @@ import json
 import math
 import re
 import time
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..errors import FewstepError, RequestError
-from ..images import SAMPLER_NAMES, parameters_text
+from ..images import parameters_text
 from ..lora.prompt import split_tags
-from ..request import SAMPLERS, GenerateRequest
+from ..recipes import RECIPES, SAMPLERS, sampler_for_label
+from ..request import GenerateRequest, classifier_free
 from .batcher import Spec, random_seeds
-
-A1111_SAMPLERS = {v: k for k, v in SAMPLER_NAMES.items()}  # "LCM" -> "lcm"
-ENGINE_FIELDS = ("steps", "guidance", "sampler", "width", "height", "strength", "seed", "prompt", "negative_prompt")
 
 
 class Invalid(FewstepError):
@@ -47,6 +46,7 @@ class OpenAIImages(BaseModel):
     negative_prompt: str | None = None
     seed: int | None = None
     sampler: str | None = None
+    recipe: str | None = None
     loras: dict[str, float] | None = None
 
 
@@ -65,6 +65,7 @@ class A1111Txt2Img(BaseModel):
     n_iter: int = 1
     sampler_name: str | None = None
     sampler_index: str | None = None  # older clients' name for sampler_name
+    recipe: str | None = None  # fewstep's extension: a few-step recipe (see `fewstep recipes`)
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -77,7 +78,7 @@ class A1111Img2Img(A1111Txt2Img):
 
 # ---- request -> Spec -----------------------------------------------------------------------------------------------
 def build_spec(server, *, prompt, names, n=1, seed=None, steps=None, guidance=None, sampler=None, width=None,
-               height=None, negative_prompt=None, loras=None, init_image=None, strength=None):
+               height=None, negative_prompt=None, loras=None, init_image=None, strength=None, recipe=None):
     """Check a request against the server's limits and the engine's rules; `names` maps engine field names onto
     the dialect's (so a 422 names the field the client sent)."""
     cfg = server.config
@@ -99,6 +100,8 @@ def build_spec(server, *, prompt, names, n=1, seed=None, steps=None, guidance=No
         raise bad("seed", f"must be in 0..2^63-1-n, got {seed}")
     if sampler is not None and sampler not in SAMPLERS:
         raise bad("sampler", f"unknown sampler {sampler!r} (use {', '.join(SAMPLERS)})")
+    if recipe is not None and recipe not in RECIPES:
+        raise bad("recipe", f"unknown recipe {recipe!r} (use {', '.join(RECIPES)})")
     for field, v in (("width", width), ("height", height)):
         if v is not None and not 8 <= v <= cfg.max_size:
             raise bad(field, f"must be in 8..{cfg.max_size} pixels, got {v}")
@@ -113,24 +116,18 @@ def build_spec(server, *, prompt, names, n=1, seed=None, steps=None, guidance=No
     seeds = random_seeds(n, seed)
     try:
         req = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt or None, steps=steps, guidance=guidance,
-                              sampler=sampler, width=width, height=height, num_images=n, seeds=seeds,
+                              recipe=recipe, sampler=sampler, width=width, height=height, num_images=n, seeds=seeds,
                               init_image=init_image, strength=strength)
         req, _ = server.engine.resolve(req)  # engine defaults and model rules; reads no mutable engine state
         server.engine.schedule(req)
     except RequestError as e:
-        raise bad(field_of(str(e)), str(e)) from None
+        raise bad(e.field, str(e)) from None
     for field in ("width", "height"):
         if getattr(req, field) > cfg.max_size:  # img2img takes its size from the init image
             raise bad(field, f"{getattr(req, field)} is more than {cfg.max_size} pixels: give a smaller size")
-    cfg_on = not server.engine.full_lcm and req.guidance > 1
-    return Spec(prompt=req.prompt[0], seeds=seeds, negative_prompt=req.negative_prompt if cfg_on else None,
-                steps=req.steps, guidance=float(req.guidance), sampler=req.sampler, width=req.width,
-                height=req.height, loras=adapter_set, init_image=req.init_image, strength=req.strength)
-
-
-def field_of(message):
-    found = [(message.find(f), f) for f in ENGINE_FIELDS if re.search(rf"\b{f}\b", message)]
-    return min(found)[1] if found else None
+    # without CFG the negative prompt does nothing: leaving it out lets such requests share a batch
+    negative = req.negative_prompt if classifier_free(req.guidance, server.engine.full_lcm) else None
+    return Spec(replace(req, negative_prompt=negative, guidance=float(req.guidance)), loras=adapter_set)
 
 
 def openai_spec(server, body):
@@ -144,7 +141,7 @@ def openai_spec(server, body):
     sampler = body.sampler.lower() if body.sampler else None
     return build_spec(server, prompt=body.prompt, names=names, n=body.n, seed=body.seed, steps=body.steps,
                       guidance=body.guidance_scale, sampler=sampler, width=width, height=height,
-                      negative_prompt=body.negative_prompt, loras=body.loras)
+                      negative_prompt=body.negative_prompt, loras=body.loras, recipe=body.recipe)
 
 
 def a1111_spec(server, body, init_image=None):
@@ -157,14 +154,15 @@ def a1111_spec(server, body, init_image=None):
     sampler = None
     name = body.sampler_name or body.sampler_index
     if name:
-        sampler = A1111_SAMPLERS.get(name) or (name.lower() if name.lower() in SAMPLERS else None)
+        sampler = sampler_for_label(name)
         if sampler is None:
-            raise Invalid("sampler_name", f"unknown sampler {name!r} (this server has {', '.join(A1111_SAMPLERS)})")
+            labels = ", ".join(s.label for s in SAMPLERS.values())
+            raise Invalid("sampler_name", f"unknown sampler {name!r} (this server has {labels})")
     strength = body.denoising_strength if init_image is not None else None
     return build_spec(server, prompt=body.prompt, names=names, n=body.batch_size * body.n_iter,
                       seed=None if body.seed == -1 else body.seed, steps=body.steps, guidance=body.cfg_scale,
                       sampler=sampler, width=body.width, height=body.height, negative_prompt=body.negative_prompt,
-                      init_image=init_image, strength=strength)
+                      init_image=init_image, strength=strength, recipe=body.recipe)
 
 
 def decode_image(data, *, max_pixels, param="init_images"):
@@ -226,7 +224,7 @@ def a1111_response(body, spec, result, pngs, model):
                 all_negative_prompts=[body.negative_prompt or ""] * spec.n, seed=result.seeds[0],
                 all_seeds=result.seeds, subseed=-1, all_subseeds=[-1] * spec.n, subseed_strength=0,
                 steps=p["steps"], cfg_scale=p["guidance"], width=spec.width, height=spec.height,
-                sampler_name=SAMPLER_NAMES.get(spec.sampler, spec.sampler), batch_size=body.batch_size,
+                sampler_name=SAMPLERS[spec.sampler].label, batch_size=body.batch_size,
                 n_iter=body.n_iter, denoising_strength=spec.strength, sd_model_name=model, sd_model_hash=None,
                 clip_skip=1, restore_faces=False, seed_resize_from_w=-1, seed_resize_from_h=-1,
                 extra_generation_params={"LoRAs": dict(spec.loras)} if spec.loras else {},

@@ -75,7 +75,7 @@ def record(cfg, acc, models):
 def run(cfg, *, source=None):
     """Train as `cfg` says; returns the path of the result."""
     from .data import Loader, open_source
-    from .models import load_models, native_size, place_frozen, torch_dtype, vae_factor
+    from .models import load_models, place_frozen, torch_dtype
 
     acc = make_accelerator(cfg)
     main = acc.is_main_process
@@ -90,10 +90,10 @@ def run(cfg, *, source=None):
     torch.manual_seed(cfg.seed)  # the LoRA's initial A matrices (identical on every process)
     with acc.main_process_first():  # a hub download happens once, then the other processes read the cache
         models = load_models(cfg.model, allow_pickle=cfg.allow_pickle, vae=cfg.vae)
-    cfg = cfg.resolved(xl=models.preset.xl, native_size=native_size(models))
-    if cfg.resolution % vae_factor(models):
+    cfg = cfg.resolved(xl=models.preset.xl, native_size=models.native_size)
+    if cfg.resolution % models.vae_factor:
         raise TrainError(f"--resolution {cfg.resolution} is not a multiple of this model's latent factor "
-                         f"{vae_factor(models)}")
+                         f"{models.vae_factor}")
     if found is not None:
         changed = diff_trajectory(checkpoint.read_record(found), cfg.record())
         if changed:

@@ -10,7 +10,6 @@ import torch
 from .. import text
 from ..latents import to_unet
 from ..schedules import noise_schedule
-from .models import vae_factor
 
 
 class Method:
@@ -21,7 +20,7 @@ class Method:
         self.autocast = autocast  # a context factory: mixed precision around UNet calls
         self.noise = noise_schedule(models.scheduler_config)
         self.alphas = self.noise.alphas_cumprod.to(device)
-        self.latent_size = cfg.resolution // vae_factor(models)
+        self.latent_size = cfg.resolution // models.vae_factor
         self.latent_channels = models.vae.config.latent_channels
         self.uncond = None
 
@@ -81,7 +80,7 @@ class Method:
         pipelines and the reference script do), else the embedding of "" (computed once)."""
         m = self.models
         n = states.shape[0]
-        if zeros_for_empty_prompt(m):
+        if m.zeros_for_empty_prompt:
             u_added = None if added is None else {"text_embeds": torch.zeros_like(added["text_embeds"]),
                                                   "time_ids": added["time_ids"]}
             return torch.zeros_like(states), u_added
@@ -97,12 +96,6 @@ class Method:
         with self.autocast():
             return model(x, t, encoder_hidden_states=states, timestep_cond=tcond, added_cond_kwargs=added,
                          return_dict=False)[0].float()
-
-
-def zeros_for_empty_prompt(c):
-    """True where the empty prompt is encoded as zeros (SDXL-type models whose pipelines say so): the engine's rule
-    for an empty negative prompt, which the teacher's unconditional input follows."""
-    return c.preset.xl and c.force_zeros_for_empty_prompt
 
 
 def cat_added(a, b):

@@ -17,15 +17,6 @@ def torch_dtype(name):
     return torch.float32 if name in (None, "no") else DTYPES[name]
 
 
-def vae_factor(c):
-    """Pixels per latent cell of these Components' VAE."""
-    return 2 ** (len(c.vae.config.block_out_channels) - 1)
-
-
-def native_size(c):
-    return c.unet.config.sample_size * vae_factor(c)
-
-
 def load_models(source, *, allow_pickle=False, vae=None):
     """Components of a diffusers folder, single-file checkpoint or hub id, in float32 on the CPU."""
     parts = read_components(source, allow_pickle=allow_pickle, dtype=torch.float32)

@@ -2,6 +2,7 @@
 Euler for style LoRAs), one grid per validation with a row per prompt; seeds fixed so grids compare over a run."""
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,19 +15,17 @@ def validate(method, cfg, *, step, prompts, out):
     """Write out/validation/step-NNNNNNNN.png; returns its path."""
     from ..engine import Engine
     from ..images import grid, save_png
-    from ..loading import Components
 
     m = method.models
     unet = method.validation_unet()
     was_training = unet.training
     unet.eval()
-    comps = Components(arch=m.arch, unet=unet, vae=m.vae, text_encoders=m.text_encoders, tokenizers=m.tokenizers,
-                       scheduler_config=m.scheduler_config, source=m.source, name=f"{cfg.method} step {step}",
-                       force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt)
-    engine = Engine(comps, method.device, method.weight_dtype)
+    comps = replace(m, unet=unet, name=f"{cfg.method} step {step}", notes=[])
+    # the adapter being trained is live in the UNet (unfused peft layers), not an adapter of the engine's, so the
+    # recipe is the engine's own: the LCM sampler for distillation, the standard one for style LoRAs
+    recipe = "standard" if cfg.method == "lora" else "lcm"
+    engine = Engine(comps, method.device, method.weight_dtype, recipe=recipe)
     sampler = "euler" if cfg.method == "lora" else "lcm"
-    if cfg.method == "lcm-lora":
-        engine.lcm_lora = "training"  # the adapter is live in the UNet (unfused peft layers)
     images, labels = [], []
     quiet = logging.getLogger("fewstep").level
     log.setLevel(logging.ERROR)  # the engine's advice (e.g. about guidance) is noise in a training log

@@ -57,13 +57,13 @@ def cmd_shapes(args):
     from .table import TEACHER_GUIDANCE, generations, grid_image, markdown, run_table, standard_rows, targets, write
 
     guidance = TEACHER_GUIDANCE if args.guidance is None else args.guidance
-    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=False)
+    # a 1-step row may be poor: it is scored, not refused (no NaN check)
+    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=False, check_finite=False)
     if engine.arch != "shapes":
         raise RequestError(f"{args.model}: a {engine.c.preset.title} model, not a model of the shapes world")
     engine.load_lora(lcm, name="lcm", weight=0.0, lcm=True)
     if outline is not None:
         engine.load_lora(outline, name="outline", weight=0.0)
-    engine.check_finite = False  # a 1-step row may be poor; it is scored, not refused
     rows = standard_rows(guidance, args.lcm_guidance, outline=outline is not None)
     bar = None
     if not args.quiet:
