@@ -125,8 +125,6 @@ def test_data_source():
     assert isinstance(img, Image.Image) and img.size == (32, 32)
     assert np.array_equal(np.asarray(img), np.asarray(ShapesData(11, size=32)[2][0])) and cap == data[2][1]
     assert shapes.detect(img) == shapes.parse_caption(cap)
-    arrays, caps = data.arrays(0, 5)
-    assert arrays.shape == (5, 32, 32, 3) and caps == [c for _, c in items]
     styled = ShapesData(0, outline=True)
     for i in range(4):
         img, cap = styled[i]

@@ -57,6 +57,13 @@ def inspect_lora(src, *, arch=None, model=None, allow_pickle=False, weight_name=
                                                                  "ss_network_dim", "ss_network_alpha",
                                                                  "ss_output_name", "modelspec.architecture")}
     info["metadata"] = meta
+    from ..recipes import RECIPES, detect
+
+    name = source.path.name if source.path else source.label
+    recipe, steps = detect(name, {k: v for k, v in source.metadata.items() if not k.startswith("ss_tag")})
+    info["recipe"] = None if recipe is None else dict(name=recipe, steps=steps or RECIPES[recipe].steps,
+                                                      sampler=RECIPES[recipe].sampler,
+                                                      guidance=RECIPES[recipe].guidance, note=RECIPES[recipe].note)
     modules, layouts, unparsed = {}, {}, []
     for key in keys:
         k = parse_key(key)
@@ -111,6 +118,10 @@ def format_info(info):
               "targets       " + ", ".join(f"{k} {n}" for k, n in info["targets"].items())]
     if info["metadata"]:
         lines.append("metadata      " + ", ".join(f"{k}={v}" for k, v in info["metadata"].items()))
+    r = info.get("recipe")
+    if r:
+        lines.append(f"recipe        looks like {r['name']} (its name says so): {r['steps']} steps, {r['sampler']} "
+                     f"sampler, guidance {r['guidance']:g}; run with --recipe {r['name']} ({r['note']})")
     if info["unparsed_count"]:
         lines.append(f"not LoRA keys {info['unparsed_count']}, e.g. {info['unparsed']}")
     cov = info.get("coverage")

@@ -37,11 +37,6 @@ class ShapesData:
             yield self[i]
             i += 1
 
-    def arrays(self, start, count):
-        """uint8 (count, size, size, 3) images and their captions for items start..start+count-1, vectorised."""
-        attrs = [self.attributes(i) for i in range(start, start + count)]
-        return render_array(attrs, self.size), [caption(a) for a in attrs]
-
 
 def shapes_data(seed=0, *, size=DEFAULT_SIZE, outline=False, n=None):
     """ShapesData(seed, size=, outline=, n=): the data source the trainer accepts programmatically."""

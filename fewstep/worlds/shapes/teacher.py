@@ -11,7 +11,7 @@ Choices made for fast conditioning (issue 5 measured it as the slow part):
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -112,6 +112,3 @@ def save_pipeline(path, vae, text_encoder, unet, *, dtype=torch.float16, info=No
         (path / "shapes_teacher.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
     return path
 
-
-def config_dict(cfg):
-    return asdict(cfg)
