@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .arch import PRESETS, REAL
+from .recipes import RECIPES, get_recipe
 from .train.config import TARGETS
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -30,7 +31,10 @@ def add_parser(sub):
     b.add_argument("--size", type=int, help="image side (default: the architecture's native size)")
     b.add_argument("--quick", action="store_true", help="half the native size: a short run")
     b.add_argument("--runs", type=int, default=3, help="timed runs of each configuration (median reported)")
-    b.add_argument("--modes", default="lcm,euler", help="lcm (LCM-LoRA 4 steps) and/or euler (25 steps, CFG 7.5)")
+    b.add_argument("--modes", default="lcm,euler",
+                   help="lcm (the few-step mode: LCM-LoRA 4 steps, or --recipe) and/or euler (25 steps, CFG 7.5)")
+    b.add_argument("--recipe", default="lcm", choices=[r for r in RECIPES if r != "standard"],
+                   help="the few-step mode's recipe: fewstep runs it, diffusers runs the scheduler its card names")
     b.add_argument("--systems", default="fewstep,diffusers-seed,diffusers-tuned")
     b.add_argument("--euler-steps", type=int, default=25)
     b.add_argument("--batch", default="1", help="batch sizes for the throughput rows, e.g. 1,4,8 (LCM mode)")
@@ -172,6 +176,7 @@ def run_bench(args):
     dt = loading.resolve_dtype(args.dtype, dev)
     size = args.size or (PRESETS[args.arch].native_size // (2 if args.quick else 1))
     modes = [m for m in args.modes.split(",") if m]
+    recipe = get_recipe(args.recipe)
     systems = [s for s in args.systems.split(",") if s]
     batches = [int(b) for b in args.batch.split(",")]
     if not set(modes) <= {"lcm", "euler"} or not set(systems) <= {"fewstep", "diffusers-seed", "diffusers-tuned"}:
@@ -230,19 +235,21 @@ def run_bench(args):
 
     def one(system, mode, batch, timed):
         lcm = mode == "lcm"
-        steps, guidance = (4, 1.0) if lcm else (args.euler_steps, 7.5)
+        steps, guidance = (recipe.steps, recipe.guidance) if lcm else (args.euler_steps, 7.5)
         if system == "fewstep":
             _set_lora(engine, lcm)
-            fn = lambda: engine.generate(PROMPT, sampler="lcm" if lcm else "euler", steps=steps, guidance=guidance,  # noqa
-                                         width=size, height=size, num_images=batch, seed=0)
+            fn = lambda: engine.generate(PROMPT, recipe=recipe.name if lcm else "standard", steps=steps,  # noqa
+                                         guidance=guidance, width=size, height=size, num_images=batch, seed=0)
             mods = (engine.c.text_encoders, (engine.fast, "unet_fn"), engine.fast, "decode_fn")
         else:
             pipe = pipes[system]
             if system == "diffusers-tuned" and not getattr(pipe, "tuned_fused", False):
                 _set_lora(engine, lcm)  # shares fewstep's modules: same weights as fewstep's run of this mode
-            _set_diffusers_mode(pipe, system, lcm, engine)
-            fn = lambda: pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,  # noqa
-                              num_images_per_prompt=batch, generator=torch.Generator().manual_seed(0))
+            _set_diffusers_mode(pipe, system, lcm, recipe)
+            call = dict(recipe.diffusers[2]) if lcm else {}
+            call.setdefault("num_inference_steps", None if "timesteps" in call else steps)
+            fn = lambda: pipe(PROMPT, guidance_scale=guidance, height=size, width=size,  # noqa
+                              num_images_per_prompt=batch, generator=torch.Generator().manual_seed(0), **call)
             mods = (_encoders(pipe), pipe.unet, pipe.vae, "decode")
         if not timed:
             fn()
@@ -277,7 +284,9 @@ def run_bench(args):
                 _, _, stages = one(system, mode, batch, "stages")
                 med = statistics.median(totals[system])
                 rows.append(dict(meta, system=system, mode=mode, batch=batch,
-                                 steps=4 if mode == "lcm" else args.euler_steps, guidance=1.0 if mode == "lcm" else 7.5,
+                                 recipe=recipe.name if mode == "lcm" else "standard",
+                                 steps=recipe.steps if mode == "lcm" else args.euler_steps,
+                                 guidance=recipe.guidance if mode == "lcm" else 7.5,
                                  dtype=str(_system_dtype(system, dt, seed_dtype, tuned_dtype)).split(".")[-1],
                                  seconds=med, runs=totals[system], images_per_s=batch / med,
                                  peak_extra_bytes=mems[system], text_s=stages["text"],
@@ -325,8 +334,7 @@ def _quality(rows, engine, parts, lora_file, size):
         if r["system"] != "fewstep" or r["batch"] != 1:
             continue
         lcm = r["mode"] == "lcm"
-        req = dict(sampler="lcm" if lcm else "euler", steps=r["steps"], guidance=r["guidance"], width=size,
-                   height=size, seed=0)
+        req = dict(recipe=r["recipe"], steps=r["steps"], guidance=r["guidance"], width=size, height=size, seed=0)
         _set_lora(engine, lcm)
         _set_lora(ref, lcm)
         a = np.asarray(engine.generate(PROMPT, **req).images[0], dtype=np.float64)
@@ -389,12 +397,14 @@ def _set_lora(engine, on):
     engine.set_lora_weights({"lcm": 1.0 if on else 0.0})
 
 
-def _set_diffusers_mode(pipe, system, lcm, engine):
-    from diffusers import EulerDiscreteScheduler, LCMScheduler
-
-    cls = LCMScheduler if lcm else EulerDiscreteScheduler
-    if not isinstance(pipe.scheduler, cls):
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+def _set_diffusers_mode(pipe, system, lcm, recipe):
+    """The scheduler the mode's recipe names (the standard one: Euler), and the LoRA on or off."""
+    r = recipe if lcm else get_recipe("standard")
+    if not hasattr(pipe, "model_scheduler_config"):  # the model's own, before any recipe's overrides
+        pipe.model_scheduler_config = pipe.scheduler.config
+    if getattr(pipe, "recipe", None) != r.name:
+        pipe.scheduler = r.diffusers_scheduler(pipe.model_scheduler_config)
+        pipe.recipe = r.name
     if system == "diffusers-seed":
         pipe.enable_lora() if lcm else pipe.disable_lora()
     elif getattr(pipe, "tuned_fused", False) and getattr(pipe, "tuned_lcm", True) != lcm:

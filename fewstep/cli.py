@@ -63,7 +63,7 @@ def build_parser():
                        description="Generate images. Without --model the embedded default model is used.")
     g.add_argument("prompt", help="the text prompt")
     g.add_argument("--model", help="diffusers folder, hub id (owner/name) or single .safetensors checkpoint")
-    g.add_argument("--lcm", nargs="?", const=True, default="auto", metavar="PATH",
+    g.add_argument("--lcm", nargs="?", const=True, default=True, metavar="PATH",
                    help="attach the LCM-LoRA for the model's architecture (the default unless another recipe is asked "
                         "for or a --lora/--unet file names one), or the one at PATH / hub id")
     g.add_argument("--no-lcm", dest="lcm", action="store_false",
@@ -163,13 +163,12 @@ def cmd_generate(args):
                           recipe=args.recipe, sampler=args.sampler, timesteps=timesteps, width=args.width,
                           height=args.height, num_images=args.num_images, strength=args.strength, gamma=args.gamma,
                           init_image=load_image(args.init_image) if args.init_image else None)
-    lcm = args.lcm
-    if lcm == "auto" and (few_step or args.recipe not in (None, "lcm", "tcd")):
-        lcm = False  # a Lightning / Hyper-SD / DMD2... adapter replaces the LCM-LoRA, it does not join it
+    # a Lightning / Hyper-SD / DMD2... adapter replaces the LCM-LoRA, it does not join it
+    lcm = False if few_step and args.lcm is True else args.lcm
 
     t0 = time.perf_counter()
     engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=lcm, allow_pickle=args.allow_pickle,
-                          unet=args.unet, recipe=args.recipe if args.unet else None, prediction_type=args.prediction,
+                          unet=args.unet, recipe=args.recipe, prediction_type=args.prediction,
                           **speed.speed_kwargs(args))
     load_time = time.perf_counter() - t0
     for note in engine.c.notes:

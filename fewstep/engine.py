@@ -506,11 +506,11 @@ def load(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=Fal
          prediction_type=None, check_finite=True, **speed):
     """fewstep.load: read and place the components, set up the fast path, attach the LCM-LoRA the request asks for.
 
-    unet: a UNet-only file or folder replacing the model's (a distilled Lightning / DMD2 / Hyper-SD UNet); recipe:
-    the recipe that UNet needs (guessed from its file name when left out); check_finite False lets NaN images
-    through (benchmarks on random weights, evaluations that score poor rows). lcm: True attaches the family's
-    published LCM-LoRA unless the model is few-step by itself; "auto" also skips it when another recipe is asked
-    for; a path attaches that file; False never.
+    unet: a UNet-only file or folder replacing the model's (a distilled Lightning / DMD2 / Hyper-SD UNet).
+    recipe: the engine's default recipe (see fewstep.recipes; for a UNet file, guessed from its name when left out).
+    lcm: True attaches the family's published LCM-LoRA where it fits (no other recipe asked for, not a full LCM), a
+    path or hub id attaches that file; False never. check_finite False lets NaN images through (benchmarks on
+    random weights, evaluations that score poor rows).
     """
     from . import loading
     from . import speed as speed_mod
@@ -541,13 +541,12 @@ def load(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=Fal
             prediction_type = "sample"  # SDXL-Lightning's 1-step UNet predicts x0 (its card: prediction_type sample)
         name = f"{name} + {Path(str(unet)).name}"
     comps = loading.place(parts, path, name, torch.device("cpu") if settings.offload else dev, dt)
-    engine = Engine(comps, dev, dt, speed=settings, recipe=recipe, prediction_type=prediction_type,
-                    check_finite=check_finite)
-    wants_lcm = lcm is not False and not engine.full_lcm and engine.recipe is None
-    if lcm == "auto":
-        wants_lcm = wants_lcm and recipe in (None, "lcm", "tcd")
+    # the LCM-LoRA joins a model that has no few-step recipe of its own (the TCD sampler runs on it too)
+    wants_lcm = lcm is not False and not comps.full_lcm and recipe in (None, "lcm", "tcd")
+    engine = Engine(comps, dev, dt, speed=settings, recipe=None if wants_lcm and recipe == "lcm" else recipe,
+                    prediction_type=prediction_type, check_finite=check_finite)
     if wants_lcm:
-        src = engine.c.preset.lcm_lora if lcm in (True, "auto") else lcm
+        src = engine.c.preset.lcm_lora if lcm is True else lcm
         if src is None and engine.arch == "shapes":
             from .default_model import default_lcm_lora
 

@@ -94,6 +94,15 @@ def test_bench_rows(models, capsys):
     assert 25 < rows["fewstep"]["psnr_vs_fp32"] < 100 and "psnr_vs_fp32" not in rows["diffusers-tuned"]  # bf16 fast path
 
 
+def test_bench_recipe_rows_run_the_recipe_on_both_systems(models, capsys):
+    code = main(["bench", "--model", str(models("sd")), "--size", "32", "--runs", "1", "--modes", "lcm", "--recipe",
+                 "dmd2", "--systems", "fewstep,diffusers-tuned", "--json", "--dtype", "fp32"])
+    assert code == 0
+    rows = {r["system"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    for r in rows.values():  # DMD2's four trained timesteps, no CFG: four single UNet passes on each side
+        assert r["recipe"] == "dmd2" and r["unet_calls"] == 4 and r["guidance"] == 0.0
+
+
 def _three_level_vae():
     from diffusers import AutoencoderKL
 

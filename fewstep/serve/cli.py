@@ -9,6 +9,7 @@ import time
 
 from .. import speed_cli as speed
 from ..errors import FewstepError
+from ..recipes import RECIPES
 
 log = logging.getLogger("fewstep")
 
@@ -31,6 +32,13 @@ def add_parser(subparsers):
     p.add_argument("--lcm", nargs="?", const=True, default=True, metavar="PATH",
                    help="attach the LCM-LoRA for the model's architecture (default), or the one at PATH / hub id")
     p.add_argument("--no-lcm", dest="lcm", action="store_false", help="no LCM-LoRA: the standard pipeline")
+    p.add_argument("--unet", metavar="FILE", help="a UNet-only file or folder replacing the model's (Lightning, "
+                                                  "DMD2, Hyper-SD UNets)")
+    p.add_argument("--recipe", choices=list(RECIPES), help="the default recipe of requests that name none (see "
+                                                           "`fewstep recipes`); requests may send their own")
+    p.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"],
+                   help="override the model's prediction type (SDXL-Lightning's 1-step x0 UNet: sample)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt files (they can run code)")
     p.add_argument("--lora-dir", help="folder of .safetensors LoRAs that requests may name (by file stem only)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -125,7 +133,9 @@ def cmd_serve(args):
     if not is_loopback(args.host) and not config.api_key:
         log.warning(f"serving on {args.host} without --api-key: anyone who can reach this port can use it")
     t0 = time.perf_counter()
-    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=args.lcm, **speed.speed_kwargs(args))
+    engine = fewstep.load(args.model, device=args.device, dtype=args.dtype, lcm=args.lcm, unet=args.unet,
+                          recipe=args.recipe, prediction_type=args.prediction, allow_pickle=args.allow_pickle,
+                          **speed.speed_kwargs(args))
     for note in engine.c.notes:
         log.warning(note)
     if args.warmup:
