@@ -29,11 +29,14 @@ def guidance_embedding(w, dim):
 
 
 def make_denoiser(unet, cond, *, prediction_type, guidance=1.0, uncond=None, added=None, added_uncond=None,
-                  timestep_cond=None, dtype=None):
+                  timestep_cond=None, dtype=None, concat=None, control=None):
     """denoise(x, t, alpha) over `unet`; classifier-free guidance runs when `uncond` embeddings are given.
 
     cond / uncond: encoder hidden states; added / added_uncond: SDXL's {"text_embeds", "time_ids"}.
     With CFG the batch is [uncond, cond] in one UNet call, as diffusers orders it.
+    The extra UNet inputs of the other modes: concat, channels appended to the UNet's input (an inpainting UNet's
+    mask and masked-image latents, one per image: doubled here under CFG); control(inp, t, states, added) ->
+    (down residuals, mid residual) from ControlNets, given the UNet's own input before the concat (both CFG halves).
     """
     dtype = dtype or unet.dtype
     cfg = uncond is not None
@@ -44,11 +47,18 @@ def make_denoiser(unet, cond, *, prediction_type, guidance=1.0, uncond=None, add
         states = cond.to(dtype)
         extra = None if added is None else {k: v.to(dtype) for k, v in added.items()}
     tcond = None if timestep_cond is None else timestep_cond.to(dtype)
+    if concat is not None:
+        concat = (torch.cat([concat, concat]) if cfg else concat).to(dtype)
 
     def denoise(x, t, alpha):
-        inp = torch.cat([x, x]) if cfg else x
-        out = unet(inp.to(dtype), t, encoder_hidden_states=states, timestep_cond=tcond,
-                   added_cond_kwargs=extra, return_dict=False)[0].float()
+        inp = (torch.cat([x, x]) if cfg else x).to(dtype)
+        kw = {}
+        if control is not None:
+            down, mid = control(inp, t, states, extra)
+            kw = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        unet_in = inp if concat is None else torch.cat([inp, concat], dim=1)
+        out = unet(unet_in, t, encoder_hidden_states=states, timestep_cond=tcond, added_cond_kwargs=extra,
+                   return_dict=False, **kw)[0].float()
         if cfg:
             out_u, out_c = out.chunk(2)
             out = out_u + guidance * (out_c - out_u)

@@ -74,6 +74,7 @@ class Engine:
         # the fast path first: it sets the modules' memory layout, which adapters then fuse into
         self.fast = build_fast_path(components, device, dtype, speed, tiny_decoder=tiny_decoder)
         self.adapters = AdapterSet(components)
+        self.controlnets = {}  # name -> ControlNetModel (fewstep.control), placed like the UNet
         self.check_finite = check_finite  # benchmarks on random weights turn the NaN check off
         self._prompt_cache = OrderedDict()
         self._schedules = {}  # (recipe config, sampler) -> NoiseSchedule
@@ -172,6 +173,22 @@ class Engine:
     def unload_loras(self):
         self.adapters.unload_all()
 
+    # ---- ControlNets ------------------------------------------------------------------------------------------
+    def load_controlnet(self, src, *, name=None, allow_pickle=False):
+        """Load a ControlNet (folder, hub id or single file) for this model's architecture under a name; requests
+        name it in their ControlUnits. Checked before anything changes: a failure leaves the engine as it was."""
+        from .control import load_controlnet
+
+        name, model = load_controlnet(self, src, name=name, allow_pickle=allow_pickle)
+        self.controlnets[name] = model
+        return name
+
+    def unload_controlnet(self, name):
+        if name not in self.controlnets:
+            raise RequestError(f"no ControlNet named {name!r} is loaded (loaded: "
+                               f"{', '.join(self.controlnets) or 'none'})", field="control")
+        del self.controlnets[name]
+
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(self, prompt="", *, callback=None, **kw):
         """Generate images; keyword arguments are GenerateRequest fields. Returns a Generation.
@@ -184,7 +201,20 @@ class Engine:
 
     def resolve(self, req):
         """(the request with this model's defaults filled in and its rules checked, warnings); reads no mutable
-        state but the adapter set, so a server may call it off the engine's thread. Does no expensive work."""
+        state but the adapter set, so a server may call it off the engine's thread. Does no expensive work.
+
+        With a mask (inpainting) it reads the mask and fits it to the init image: see fewstep.inpaint.check_request
+        for what it does with a mask of another size, an all-black and an all-white one. An inpainting UNet
+        (9 input channels) refuses a request without a mask."""
+        mask_warnings = []
+        if req.mask is not None:
+            from .inpaint import check_request
+
+            req, mask_warnings = check_request(replace(req, init_image=load_image(req.init_image)), self.c.unet)
+        elif self.c.unet.config.in_channels != self.c.unet.config.out_channels:
+            raise RequestError(f"this is an inpainting model (its UNet takes {self.c.unet.config.in_channels} input "
+                               "channels: latents, mask and masked image): give an init image and a mask (white = "
+                               "repaint)", field="mask")
         name = req.recipe or self.default_recipe()
         r = get_recipe(name)
         d = self.recipe_defaults(name)
@@ -210,9 +240,13 @@ class Engine:
             if v % self.vae_factor or v < self.vae_factor:
                 raise RequestError(f"{field_name} {v} is not a multiple of {self.vae_factor} (this model's latent "
                                    f"factor): try {max(self.vae_factor, v - v % self.vae_factor)}", field=field_name)
+        if req.control:  # the units name loaded ControlNets, known preprocessors and readable files
+            from .control import check as check_control
+
+            check_control(self, req)
         req = replace(req, recipe=name, sampler=sampler, steps=steps, timesteps=timesteps, gamma=gamma,
                       guidance=guidance, width=width, height=height)
-        return req, self._warnings(req, r)
+        return req, mask_warnings + self._warnings(req, r)
 
     def _warnings(self, req, r):
         warnings, (lo, hi) = [], r.guidance_range
@@ -282,7 +316,8 @@ class Engine:
     def _run(self, req, callback):
         t_start = time.perf_counter()
         if req.init_image is not None and req.strength is None:
-            req = replace(req, strength=0.6)
+            # img2img keeps most of the image; inpainting repaints the masked region from noise (diffusers' 1.0)
+            req = replace(req, strength=1.0 if req.mask is not None else 0.6)
         req = replace(req, init_image=load_image(req.init_image)) if req.init_image is not None else req
         req, warnings = self.resolve(req)
         for w in warnings:
@@ -304,19 +339,30 @@ class Engine:
             return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(dev)
 
         timings = {}
-        t0 = time.perf_counter()
-        denoise = self.denoiser(prompts, req)
-        timings["text"] = time.perf_counter() - t0
-
+        # The modes differ only here: their first latents, the extra UNet inputs and a per-step blend.
         h, w = req.height // self.vae_factor, req.width // self.vae_factor
-        shape = (batch, self.c.unet.config.in_channels, h, w)
+        shape = (batch, self.c.unet.config.out_channels, h, w)
         t0 = time.perf_counter()
-        if req.init_image is None:
+        inpaint = concat = blend = None
+        if req.mask is not None:  # inpainting (fewstep.inpaint): first latents, mask channels or a blend
+            from .inpaint import prepare as prepare_inpaint
+
+            inpaint = prepare_inpaint(self, req, sched, gens, randn, shape)
+            latents, concat, blend = inpaint.latents, inpaint.concat, inpaint.blend
+        elif req.init_image is None:
             latents = randn(shape) * sched.init_sigma
         else:
             clean = self.encode_image(req.init_image, req.width, req.height, gens)
             latents = sampling.add_noise(req.sampler, clean, randn(shape), sched)
         timings["encode_image"] = time.perf_counter() - t0 if req.init_image is not None else 0.0
+        control = None
+        if req.control:  # ControlNets (fewstep.control): residuals added to the UNet's blocks
+            from .control import prepare as prepare_control
+
+            control = prepare_control(self, req, sched, batch)
+        t0 = time.perf_counter()
+        denoise = self.denoiser(prompts, req, concat=concat, control=control)
+        timings["text"] = time.perf_counter() - t0
         sched = sched.to(dev)
 
         step_times = []
@@ -339,10 +385,13 @@ class Engine:
         bank = [randn(shape) for _ in range(sampling.noise_draws(req.sampler, len(sched), req.gamma))]
         bank.reverse()
         with OnDevice(self, self.c.unet):
-            latents = sample(denoise, latents, sched, noise=lambda like: bank.pop(), callback=on_step, **kw)
+            latents = sample(denoise, latents, sched, noise=lambda like: bank.pop(), callback=on_step, blend=blend,
+                             **kw)
         timings["steps"] = step_times
         t0 = time.perf_counter()
         images = self.decode(latents)
+        if inpaint is not None:
+            images = inpaint.finish(images)  # padding_mask_crop: the inpainted box pasted back
         timings["decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         params = self.describe(req, sched)
@@ -356,11 +405,16 @@ class Engine:
                     steps=len(sched), guidance=req.guidance, width=req.width, height=req.height,
                     strength=req.strength if req.init_image is not None else None,
                     gamma=req.gamma if req.sampler == "tcd" else None, model=self.c.name,
-                    loras={n: s.weight for n, s in self.adapters.states.items()})
+                    loras={n: s.weight for n, s in self.adapters.states.items()},
+                    control=[dict(model=u.model, preprocess=u.preprocess, scale=u.scale, start=u.start, end=u.end)
+                             for u in req.control],
+                    mask_blur=req.mask_blur if req.mask is not None else None,
+                    padding_mask_crop=req.padding_mask_crop if req.mask is not None else None)
 
     # ---- the parts ---------------------------------------------------------------------------------------------
-    def denoiser(self, prompts, req):
-        """denoise(x, t, alpha) for these prompts: text encoded once, CFG or guidance embedding decided here."""
+    def denoiser(self, prompts, req, *, concat=None, control=None):
+        """denoise(x, t, alpha) for these prompts: text encoded once, CFG or guidance embedding decided here;
+        concat and control are the extra UNet inputs of inpainting and ControlNet (fewstep.denoiser)."""
         c, dev = self.c, self.device
         for p in text.truncated(c.tokenizers[0], sorted(set(prompts))):
             log.warning("prompt longer than 77 tokens is truncated: %r", p[:60] + "...")
@@ -384,7 +438,7 @@ class Engine:
             tcond = guidance_embedding(w, c.unet.config.time_cond_proj_dim).to(dev)
         return make_denoiser(self.unet_fn, cond, prediction_type=self.noise_schedule_for(req).prediction_type,
                              guidance=req.guidance, uncond=uncond, added=added, added_uncond=added_u,
-                             timestep_cond=tcond, dtype=self.dtype)
+                             timestep_cond=tcond, dtype=self.dtype, concat=concat, control=control)
 
     def encode_prompts(self, prompts):
         """Text embeddings, cached per prompt and adapter set (a text-encoder LoRA changes them)."""
@@ -404,10 +458,15 @@ class Engine:
 
     def encode_image(self, image, width, height, gens):
         """VAE latents of the init image, sampled per image from its generator (diffusers' order), scaled."""
-        vae = self.c.vae
         if image.size != (width, height):
             image = image.resize((width, height), resample=_lanczos())
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+        return self.encode_pixels(x, gens)
+
+    def encode_pixels(self, x, gens):
+        """Scaled VAE latents of one image x (1, 3, H, W) in [-1, 1], sampled once per generator: diffusers'
+        retrieve_latents(vae.encode(x), generator) for each image (img2img and inpainting share it)."""
+        vae = self.c.vae
         with OnDevice(self, vae):
             dist = vae.encode(x.to(self.device, vae.dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()

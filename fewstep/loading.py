@@ -13,7 +13,8 @@ from .sources import PICKLE_SUFFIXES
 
 PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
              "StableDiffusionXLImg2ImgPipeline", "LatentConsistencyModelPipeline",
-             "LatentConsistencyModelImg2ImgPipeline", "AutoPipelineForText2Image"}
+             "LatentConsistencyModelImg2ImgPipeline", "AutoPipelineForText2Image", "StableDiffusionInpaintPipeline",
+             "StableDiffusionXLInpaintPipeline"}
 # What a text-to-image folder needs from the hub: configs, tokenizers and safetensors weights, nothing else.
 HUB_PATTERNS = ["model_index.json", "*/*.json", "tokenizer*/*.txt", "*/diffusion_pytorch_model*.safetensors",
                 "*/model*.safetensors"]
@@ -115,7 +116,7 @@ def read_model_index(folder):
     cls = index.get("_class_name")
     if cls not in PIPELINES:
         raise LoadError(f"{folder} holds a {cls} model; fewstep loads Stable Diffusion 1.x/2.x, SDXL, SSD-1B and "
-                        "LCM text-to-image models")
+                        "LCM text-to-image and inpainting models")
     return index
 
 

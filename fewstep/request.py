@@ -19,6 +19,32 @@ def classifier_free(guidance, full_lcm=False):
 
 
 @dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet applied to a request: which (a loaded ControlNet's name), its control image, how strongly and
+    over which fraction of the steps (diffusers' controlnet_conditioning_scale, control_guidance_start/end).
+    preprocess: a built-in preprocessor run on the image first ("canny"), or None for a prepared image."""
+
+    model: str
+    image: object = field(repr=False)  # PIL image or path
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise RequestError("control: each unit names a ControlNet", field="control")
+        if self.image is None:
+            raise RequestError(f"control {self.model}: give a control image", field="control")
+        if not (isinstance(self.scale, (int, float)) and 0 <= self.scale <= 10):
+            raise RequestError(f"control {self.model}: scale must be in 0..10, got {self.scale!r}", field="control")
+        if not (isinstance(self.start, (int, float)) and isinstance(self.end, (int, float))
+                and 0 <= self.start < self.end <= 1):
+            raise RequestError(f"control {self.model}: start and end are fractions of the steps with 0 <= start < "
+                               f"end <= 1, got {self.start!r}, {self.end!r}", field="control")
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """What to generate. None means "the engine's default": the recipe of its few-step adapter (LCM: lcm sampler,
     4 steps, guidance 1), or the model's standard settings without one."""
@@ -39,6 +65,10 @@ class GenerateRequest:
     gamma: float | None = None  # TCD's stochasticity (diffusers' eta); None: the recipe's (0.3)
     original_steps: int | None = None  # LCM/TCD grid size (diffusers' original_inference_steps)
     seeds: tuple | None = None  # explicit per-image seeds (one per prompt x num_images), e.g. for batched requests
+    mask: object = field(default=None, repr=False)  # inpainting: PIL image or path, white = repaint
+    mask_blur: int = 0  # pixels of Gaussian blur on the mask's edge (A1111's mask_blur)
+    padding_mask_crop: int | None = None  # inpaint only the mask's box plus this margin, at full size, paste back
+    control: tuple = ()  # ControlUnit, one per ControlNet
 
     def __post_init__(self):
         prompt = self.prompt
@@ -83,6 +113,22 @@ class GenerateRequest:
                 raise RequestError("seeds must be whole numbers in [0, 2^63)", field="seeds")
         if self.gamma is not None and not 0 <= self.gamma <= 1:
             raise RequestError(f"gamma must be in [0, 1], got {self.gamma}", field="gamma")
+        if self.mask is not None and self.init_image is None:
+            raise RequestError("mask: inpainting needs the image to paint into: give an init image too", field="mask")
+        if not (isinstance(self.mask_blur, int) and 0 <= self.mask_blur <= 256):
+            raise RequestError(f"mask_blur must be a whole number of pixels in 0..256, got {self.mask_blur!r}",
+                               field="mask_blur")
+        if self.padding_mask_crop is not None:
+            if self.mask is None:
+                raise RequestError("padding_mask_crop only applies to inpainting: give a mask too",
+                                   field="padding_mask_crop")
+            if not (isinstance(self.padding_mask_crop, int) and self.padding_mask_crop >= 0):
+                raise RequestError(f"padding_mask_crop must be a whole number of pixels >= 0, got "
+                                   f"{self.padding_mask_crop!r}", field="padding_mask_crop")
+        units = (self.control,) if isinstance(self.control, ControlUnit) else tuple(self.control or ())
+        if not all(isinstance(u, ControlUnit) for u in units):
+            raise RequestError("control: give ControlUnit(model, image, scale, start, end) values", field="control")
+        object.__setattr__(self, "control", units)
         if self.original_steps is not None and not (isinstance(self.original_steps, int) and self.original_steps >= 1):
             raise RequestError(f"original_steps must be a whole number >= 1, got {self.original_steps!r}",
                                field="original_steps")

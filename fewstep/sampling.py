@@ -2,7 +2,9 @@
 
 `denoise(x, t, alpha) -> (x0, eps)` predicts the clean latent and the noise of the variance-preserving latent
 x = sqrt(alpha) x0 + sqrt(1 - alpha) eps at UNet timestep t; `noise(like)` draws fresh unit noise in the request's
-seeded order. Latents stay float32 here whatever dtype the UNet runs in.
+seeded order; `blend(i, x) -> x`, when given, runs after step i on the sampler's own latent (sigma space for the
+Euler family) - inpainting with an ordinary UNet puts the kept region back there. Latents stay float32 here
+whatever dtype the UNet runs in.
 """
 
 
@@ -14,7 +16,7 @@ def lcm_boundary(t, timestep_scaling=10.0, sigma_data=0.5):
     return c_skip, c_out
 
 
-def sample_lcm(denoise, latents, schedule, *, noise, callback=None, timestep_scaling=10.0):
+def sample_lcm(denoise, latents, schedule, *, noise, callback=None, blend=None, timestep_scaling=10.0):
     """Multistep latent consistency sampling (LCM, Luo et al. 2023, Algorithm 3); n steps call noise() n - 1 times."""
     x = latents
     n = len(schedule)
@@ -28,12 +30,14 @@ def sample_lcm(denoise, latents, schedule, *, noise, callback=None, timestep_sca
             x = a_next.sqrt() * denoised + (1 - a_next).sqrt() * noise(denoised)
         else:
             x = denoised
+        if blend is not None:
+            x = blend(i, x)
         if callback:
             callback(i, t, x)
     return x
 
 
-def sample_tcd(denoise, latents, schedule, *, noise, callback=None):
+def sample_tcd(denoise, latents, schedule, *, noise, callback=None, blend=None):
     """Trajectory consistency sampling (TCD, Zheng et al. 2024, Alg. 4); n steps: n - 1 noise() calls if gamma > 0."""
     x = latents
     n = len(schedule)
@@ -47,24 +51,28 @@ def sample_tcd(denoise, latents, schedule, *, noise, callback=None):
             x = ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise(x_s)
         else:
             x = x_s
+        if blend is not None:
+            x = blend(i, x)
         if callback:
             callback(i, t, x)
     return x
 
 
-def sample_euler(denoise, latents, schedule, *, noise=None, callback=None):
+def sample_euler(denoise, latents, schedule, *, noise=None, callback=None, blend=None):
     """Euler on the probability-flow ODE in sigma space (Karras et al. 2022, Alg. 1, no churn); 0 noise() calls."""
     x = latents  # sigma-space latent: x = x0 + sigma * eps
     for i in range(len(schedule)):
         t, sigma, a = schedule.timesteps[i], schedule.sigmas[i], schedule.alphas[i]
         x0, _ = denoise(x * a.sqrt(), t, a)  # the UNet sees the variance-preserving latent x / sqrt(sigma^2 + 1)
         x = x + (x - x0) / sigma * (schedule.sigmas[i + 1] - sigma)
+        if blend is not None:
+            x = blend(i, x)
         if callback:
             callback(i, t, x)
     return x
 
 
-def sample_euler_ancestral(denoise, latents, schedule, *, noise, callback=None):
+def sample_euler_ancestral(denoise, latents, schedule, *, noise, callback=None, blend=None):
     """Euler ancestral in sigma space (k-diffusion's sample_euler_ancestral, eta 1); n steps: n noise() calls."""
     x = latents  # sigma-space latent, as sample_euler
     for i in range(len(schedule)):
@@ -77,12 +85,14 @@ def sample_euler_ancestral(denoise, latents, schedule, *, noise, callback=None):
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         # drawn on the last step too, where sigma_up is 0: diffusers draws there, so the seeded order stays the same
         x = x + noise(x) * sigma_up
+        if blend is not None:
+            x = blend(i, x)
         if callback:
             callback(i, t, x)
     return x
 
 
-def sample_ddim(denoise, latents, schedule, *, noise=None, callback=None):
+def sample_ddim(denoise, latents, schedule, *, noise=None, callback=None, blend=None):
     """Deterministic DDIM sampling, eta = 0 (Song et al. 2020, eq. 12); calls noise() 0 times."""
     x = latents
     for i in range(len(schedule)):
@@ -92,6 +102,8 @@ def sample_ddim(denoise, latents, schedule, *, noise=None, callback=None):
             # as diffusers (use_clipped_model_output False): only x0 is clamped, eps stays the model's
             x0 = x0.clamp(-schedule.clip_range, schedule.clip_range)
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        if blend is not None:
+            x = blend(i, x)
         if callback:
             callback(i, t, x)
     return x
@@ -112,10 +124,11 @@ def noise_draws(sampler_name, steps, gamma=0.0):
     return 0
 
 
-def add_noise(sampler, clean, unit_noise, schedule):
-    """The starting latent of image-to-image: the clean latent noised to the schedule's first step."""
+def add_noise(sampler, clean, unit_noise, schedule, index=0):
+    """The clean latent noised to step `index` of the schedule, in the sampler's own latent space: index 0 is
+    image-to-image's first latent; inpainting re-noises the kept region to the next step's with the same noise."""
     # by the schedule, not the sampler's name: every sigma-space sampler (euler, euler_a) has sigmas
     if schedule.sigmas is not None:
-        return clean + unit_noise * schedule.sigmas[0]
-    a = schedule.alphas[0]
+        return clean + unit_noise * schedule.sigmas[index]
+    a = schedule.alphas[index]
     return a.sqrt() * clean + (1 - a).sqrt() * unit_noise

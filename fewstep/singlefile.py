@@ -71,13 +71,14 @@ def _read(path, allow_pickle):
 
 
 def detect_arch(state_dict):
-    """Architecture from the key layout: "sd15", "sd2", "sdxl" or "ssd1b"; LoadError for anything else."""
+    """Architecture from the key layout: "sd15", "sd2", "sdxl" or "ssd1b"; LoadError for anything else.
+
+    Inpainting checkpoints (9 UNet input channels: latents, mask, masked-image latents) are their family's.
+    """
     conv_in = state_dict.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None:
         found = ", ".join(list(state_dict)[:3])
         raise LoadError(f"not a Stable Diffusion 1.x/2.x, SDXL or SSD-1B checkpoint (found keys like {found})")
-    if conv_in.shape[1] == 9:
-        raise LoadError("inpainting checkpoints (9 UNet input channels) are not supported yet")
     if "edm_mean" in state_dict:
         raise LoadError("Playground v2.5 (EDM) checkpoints are not supported")
     if _has_prefix(state_dict, "conditioner.embedders.0.model."):
@@ -125,9 +126,11 @@ def load_single_file(path, *, allow_pickle=False, torch_dtype=torch.float32):
         unet_config = unet_config_from_state_dict(state_dict, arch, pooled_dim=pooled_dim,
                                                   prediction_type=prediction_type)
         vae_config = vae_config_from_state_dict(state_dict, arch, prediction_type=prediction_type)
-        if unet_config["in_channels"] != vae_config["latent_channels"]:
-            raise LoadError(f"the UNet takes {unet_config['in_channels']} channels but the VAE makes "
-                            f"{vae_config['latent_channels']}; variants with extra inputs (instruct-pix2pix, "
+        latent = vae_config["latent_channels"]
+        # an inpainting UNet takes the latents, the mask and the masked image's latents (2 x latent + 1)
+        if unet_config["in_channels"] not in (latent, 2 * latent + 1):
+            raise LoadError(f"the UNet takes {unet_config['in_channels']} channels but the VAE makes {latent} "
+                            f"({2 * latent + 1} for inpainting); variants with other extra inputs (instruct-pix2pix, "
                             "upscalers) are not supported")
 
         out = dict(arch=arch)
@@ -177,6 +180,10 @@ def _prediction_type(arch, state_dict, hints):
     # SD 2.x is v_prediction (the 768-v models) unless a .ckpt says global_step 875000, the 2.0-base / 2.1-base
     # 512 px models. A 2.x-base .safetensors without a marker is thus taken as v_prediction; callers can override.
     if arch == "sd2":
+        # SD 2 inpainting (512-inpainting-ema) predicts epsilon, as from_single_file's inpainting_v2 config says
+        conv_in = state_dict.get(UNET + "input_blocks.0.0.weight")
+        if conv_in is not None and conv_in.shape[1] == 9:
+            return "epsilon"
         return "epsilon" if hints.get("global_step") == 875000 else "v_prediction"
     return "epsilon"
 

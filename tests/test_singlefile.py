@@ -209,12 +209,14 @@ def test_missing_tensor_is_an_error(tmp_path):
         load_single_file(write(tmp_path, state_dict))
 
 
-def test_unsupported_variants():
+def test_unsupported_variants(tmp_path):
     state_dict = to_original(tiny_sd(0), "sd15")
     conv_in = state_dict["model.diffusion_model.input_blocks.0.0.weight"]
     inpainting = state_dict | {"model.diffusion_model.input_blocks.0.0.weight": conv_in.new_zeros(32, 9, 3, 3)}
-    with pytest.raises(LoadError, match="inpainting"):
-        detect_arch(inpainting)
+    assert detect_arch(inpainting) == "sd15"  # inpainting checkpoints load (tests/test_inpaint.py)
+    pix2pix = state_dict | {"model.diffusion_model.input_blocks.0.0.weight": conv_in.new_zeros(32, 8, 3, 3)}
+    with pytest.raises(LoadError, match="takes 8 channels.*instruct-pix2pix"):
+        load_single_file(write(tmp_path, pix2pix))
     unet_only = {k: v for k, v in state_dict.items() if k.startswith("model.diffusion_model.")}
     with pytest.raises(LoadError, match="cross-attention width 32"):
         detect_arch(unet_only)

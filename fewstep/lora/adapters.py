@@ -29,8 +29,9 @@ class AdapterSet:
         """The active adapter that sets the few-step recipe (the LCM-LoRA, a Lightning LoRA...), or None.
 
         An adapter with weight 0 is off: set_weights({"lcm": 0}) gives the model's standard defaults back.
+        A server reads this on request threads while its worker changes adapters: the tuple is taken atomically.
         """
-        for s in self.states.values():
+        for s in tuple(self.states.values()):
             if s.recipe is not None and s.weight != 0:
                 return s
         return None

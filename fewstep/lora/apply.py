@@ -79,10 +79,6 @@ class LoraState:
     recipe: str | None = None  # the few-step recipe this adapter makes (fewstep.recipes): "lcm" for the LCM-LoRA
     uid: int = field(default_factory=lambda: next(_uid))
 
-    @property
-    def lcm(self):
-        return self.recipe == "lcm"
-
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 class LoraSource:
