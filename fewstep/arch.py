@@ -65,6 +65,9 @@ class Preset:
     unet: dict | None = None  # real-size configs: UNet, VAE, one CLIPTextConfig per encoder
     vae: dict | None = None
     text: tuple = ()
+    # hub id (or, for shapes, a package folder resolved when asked) of the ControlNet a built-in preprocessor's
+    # output is made for: `--control canny:photo.png` loads it; see default_controlnet()
+    controlnets: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     # What a single-file checkpoint's weights do not show, read off the real configs.
     @property
@@ -97,10 +100,11 @@ def _sd(prediction_type):
 
 _XL = dict(xl=True, native_size=1024, cross_attention_dim=2048, tokenizers=("clip", "openclip"),
            scaling_factor=SDXL_SCALING, scheduler=_sd("epsilon"), force_zeros_for_empty_prompt=True, vae=SDXL_VAE,
-           text=(VIT_L, BIG_G))
+           text=(VIT_L, BIG_G), controlnets=MappingProxyType({"canny": "diffusers/controlnet-canny-sdxl-1.0"}))
 PRESETS = {
     "sd15": Preset("sd15", "SD 1.x", "latent-consistency/lcm-lora-sdv1-5", False, 512, 768, ("clip",), SD_SCALING,
-                   scheduler=_sd("epsilon"), unet=SD15_UNET, vae=SD_VAE, text=(VIT_L,)),
+                   scheduler=_sd("epsilon"), unet=SD15_UNET, vae=SD_VAE, text=(VIT_L,),
+                   controlnets=MappingProxyType({"canny": "lllyasviel/sd-controlnet-canny"})),
     # The 768-v models (2.0 / 2.1); 2.x-base (512 px, epsilon) shares everything else.
     "sd2": Preset("sd2", "SD 2.x", None, False, 768, 1024, ("openclip",), SD_SCALING,
                   scheduler=_sd("v_prediction"), unet=SD2_UNET, vae=SD2_VAE, text=(VIT_H,)),
@@ -112,13 +116,35 @@ PRESETS = {
                      scheduler=MappingProxyType(dict(SD_SCHEDULER, prediction_type="epsilon",
                                                      timestep_spacing="trailing", interpolation_type="linear",
                                                      use_karras_sigmas=False)),
-                     standard=MappingProxyType(dict(SD_STANDARD, guidance=4.0))),
+                     standard=MappingProxyType(dict(SD_STANDARD, guidance=4.0)),
+                     controlnets=MappingProxyType({"canny": "package:data/shapes/controlnet"})),
 }
 # The real-size architectures: random-weight components, single-file loading, benchmarks.
 REAL = {name: (p.unet, p.vae, list(p.text)) for name, p in PRESETS.items() if p.unet is not None}
 # The families a cross-attention width names (SSD-1B shares SDXL's; the shapes world is fewstep's own).
 BY_CROSS_WIDTH = {PRESETS[name].cross_attention_dim: name for name in ("sd15", "sd2", "sdxl")}
 SDXL_BLOCKS = SDXL_UNET["block_out_channels"]
+
+
+def default_controlnet(family, kind):
+    """Where the family's ControlNet for a built-in preprocessor's output lives (a hub id or a local folder), or
+    None: no such ControlNet is known, or the shapes world's is not installed. Package folders are looked up now,
+    not at import, since the shapes ControlNet may be trained after fewstep is installed."""
+    src = PRESETS[family].controlnets.get(kind) if family in PRESETS else None
+    if src is not None and src.startswith("package:"):
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parent / src[len("package:"):]
+        return str(path) if path.is_dir() and any(path.iterdir()) else None
+    return src
+
+
+def controlnet_name(src):
+    """The name a ControlNet source is known by in requests: a file's stem, a folder's or hub repo's name."""
+    from pathlib import Path
+
+    path = Path(str(src).rstrip("/"))
+    return (path.stem if path.is_file() else path.name) or "controlnet"
 
 
 def detect(unet_config):

@@ -53,6 +53,82 @@ def parse_lora(text):
     return text, 1.0
 
 
+def preprocessor_names():
+    """The built-in preprocessors (fewstep.control's; "canny"): `--control KIND:IMAGE` runs one on the image."""
+    try:
+        from .control import preprocessors
+    except ModuleNotFoundError as e:
+        if not str(e.name).startswith("fewstep"):  # a missing dependency of a present module is a real error
+            raise
+        return ("canny",)
+    return tuple(preprocessors())
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_control(text, kinds=("canny",)):
+    """KIND_OR_MODEL:IMAGE[:SCALE[:START:END]] -> dict(kind, source, image, scale, start, end).
+
+    Trailing numbers are the scale and the guidance window; a path with colons in it is split where the image part
+    names a file (as parse_lora, a trailing part that is not a number belongs to the path).
+    """
+    flag = f"--control {text}"
+    parts = text.split(":")
+    numbers = []
+    while len(parts) > 2 and len(numbers) < 3 and _number(parts[-1]) is not None:
+        numbers.insert(0, _number(parts.pop()))
+    if len(numbers) == 2:
+        raise RequestError(f"{flag}: give SCALE or SCALE:START:END after the image, not two numbers")
+    if len(parts) < 2 or not all(parts):
+        raise RequestError(f"{flag}: use KIND_OR_MODEL:IMAGE[:SCALE[:START:END]], e.g. canny:photo.png:0.8")
+    scale, start, end = (numbers + [0.0, 1.0]) if len(numbers) == 1 else (numbers or [1.0, 0.0, 1.0])
+    if not 0 <= scale <= 10:
+        raise RequestError(f"{flag}: SCALE must be in 0..10, got {scale:g}")
+    if not 0 <= start < end <= 1:
+        raise RequestError(f"{flag}: START and END are fractions of the steps with 0 <= START < END <= 1, got "
+                           f"{start:g} and {end:g}")
+    if parts[0] in kinds:
+        return dict(kind=parts[0], source=None, image=":".join(parts[1:]), scale=scale, start=start, end=end)
+    from .sources import is_hub_id, local_path
+
+    splits = [(":".join(parts[:i]), ":".join(parts[i:])) for i in range(1, len(parts))]
+    found = [(m, im) for m, im in splits if local_path(im).is_file()]
+    both = [(m, im) for m, im in found if local_path(m).exists() or is_hub_id(m)]
+    source, image = (both or found or splits)[0]
+    if not (local_path(source).exists() or is_hub_id(source)):
+        raise RequestError(f"{flag}: {source} is neither a preprocessor ({', '.join(kinds)}) nor a ControlNet "
+                           "folder, file or hub id")
+    return dict(kind=None, source=source, image=image, scale=scale, start=start, end=end)
+
+
+def read_image(path, flag, noun, mode="RGB"):
+    """A PIL image from a file (in `mode`; None: as stored), or one clear error naming the flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(local_path_of(path)) as im:
+            if mode is None:
+                im.load()
+                return im.copy()
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise RequestError(f"{flag}: cannot read {noun} {path}: it does not exist") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RequestError(f"{flag}: cannot read {noun} {path} as an image ({reason})") from None
+
+
+def local_path_of(path):
+    from .sources import local_path
+
+    return local_path(path)
+
+
 def build_parser():
     from . import __version__
 
@@ -89,10 +165,19 @@ def build_parser():
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--init-image", help="image-to-image: the starting image")
     g.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default 0.6)")
+    g.add_argument("--mask", metavar="FILE", help="inpainting: white = repaint, black = keep (with --init-image)")
+    g.add_argument("--mask-blur", type=int, default=0, metavar="N", help="blur the mask's edge by N pixels (0)")
+    g.add_argument("--padding-mask-crop", type=int, metavar="N",
+                   help="inpaint only the mask's box plus N pixels, at full size, and paste it back")
+    g.add_argument("--control", action="append", default=[], metavar="KIND_OR_MODEL:IMAGE[:SCALE[:START:END]]",
+                   help="a ControlNet (repeatable): KIND (canny) preprocesses IMAGE and loads the model family's "
+                        "ControlNet for it; MODEL (folder, .safetensors file or hub id) takes a prepared IMAGE. "
+                        "SCALE (1), START:END (0:1, fractions of the steps)")
     g.add_argument("--gamma", type=float, help="TCD stochasticity in [0, 1] (default: the recipe's, 0.3)")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
-    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt files (they can run code)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt/.bin/.pt files for the model, UNet, LoRAs and ControlNets (they can run code)")
     g.add_argument("--out", default="outputs", help="output folder, or a .png file name (default: outputs/)")
     g.add_argument("--json", action="store_true", help="print paths, seeds and timings as JSON on stdout")
     g.add_argument("--verbose", "-v", action="store_true", help="also print LoRA reports and per-stage timings")
@@ -145,6 +230,24 @@ def cmd_generate(args):
         raise RequestError("give --steps or --timesteps, not both")
     if args.init_image is None and args.strength is not None:
         raise RequestError("--strength only applies with --init-image")
+    if args.mask is not None and args.init_image is None:
+        raise RequestError("--mask needs --init-image: the image to paint into")
+    if args.mask is None and (args.mask_blur or args.padding_mask_crop is not None):
+        raise RequestError("--mask-blur and --padding-mask-crop only apply with --mask")
+    if not 0 <= args.mask_blur <= 256:
+        raise RequestError(f"--mask-blur takes 0..256 pixels, got {args.mask_blur}")
+    if args.padding_mask_crop is not None and args.padding_mask_crop < 0:
+        raise RequestError(f"--padding-mask-crop takes pixels >= 0, got {args.padding_mask_crop}")
+    kinds = preprocessor_names() if args.control else ()
+    controls = [parse_control(text, kinds) for text in args.control]
+    for c in controls:
+        c["picture"] = read_image(c["image"], f"--control {c['kind'] or c['source']}", "control image")
+        if c["source"] is not None and not args.allow_pickle:
+            from .sources import is_pickle
+
+            if is_pickle(c["source"]):
+                raise RequestError(f"--control {c['source']}: a pickle file can run code when loaded: pass "
+                                   "--allow-pickle if you trust it")
     from .lora.prompt import adapters_for
 
     prompt, loras = adapters_for(args.prompt, [parse_lora(s) for s in args.lora], args.lora_dir)
@@ -157,12 +260,14 @@ def cmd_generate(args):
         step_counts = [few_step[0][1]]  # "..._4step_lora" runs 4 steps unless told otherwise
     seed = args.seed if args.seed is not None else __import__("secrets").randbelow(2**31)
     # the one request, checked before the (slow) load: invalid input costs nothing
-    from .engine import load_image
-
+    init = read_image(args.init_image, "--init-image", "init image") if args.init_image else None
+    # the mask as stored: a transparent one is its alpha; the engine fits it to the image (and says so)
+    mask = read_image(args.mask, "--mask", "mask", None) if args.mask is not None else None
     req = GenerateRequest(prompt=prompt, negative_prompt=args.negative, guidance=args.guidance, seed=seed,
                           recipe=args.recipe, sampler=args.sampler, timesteps=timesteps, width=args.width,
                           height=args.height, num_images=args.num_images, strength=args.strength, gamma=args.gamma,
-                          init_image=load_image(args.init_image) if args.init_image else None)
+                          init_image=init, mask=mask, mask_blur=args.mask_blur,
+                          padding_mask_crop=args.padding_mask_crop)
     # a Lightning / Hyper-SD / DMD2... adapter replaces the LCM-LoRA, it does not join it
     lcm = False if few_step and args.lcm is True else args.lcm
 
@@ -180,6 +285,7 @@ def cmd_generate(args):
                                   recipe=None if recipe == "lcm" and engine.lcm_lora else recipe)
         if args.verbose:
             log.info(report.summary() + (f" (recipe {recipe})" if recipe else ""))
+    req = replace(req, control=load_controls(engine, controls, args.allow_pickle))
     runs, total = [], 0
     bar = None
     if not args.quiet:
@@ -210,7 +316,8 @@ def cmd_generate(args):
     paths = output_paths(args.out, total, stem)
     k = 0
     for result in runs:
-        params = dict(result.params, version=__version__, timesteps=result.timesteps if timesteps else None)
+        params = dict(inpaint_params(req), **result.params, version=__version__,
+                      timesteps=result.timesteps if timesteps else None)
         for image, s in zip(result.images, result.seeds):
             save_png(image, paths[k], parameters_text(params, s))
             records.append(dict(path=str(paths[k]), seed=s, steps=result.steps_run, timesteps=result.timesteps))
@@ -233,11 +340,21 @@ def cmd_generate(args):
             grid=str(grid_path) if grid_path else None, load_seconds=round(load_time, 4),
             loras={n: s.weight for n, s in engine.loras.items()},
             timings=[dict(r.timings, steps_run=r.steps_run) for r in runs],
+            control=[dict(model=u.model, source=c["source"], image=c["image"], preprocess=u.preprocess,
+                          scale=u.scale, start=u.start, end=u.end) for u, c in zip(req.control, controls)],
+            mask=args.mask, mask_blur=args.mask_blur if args.mask else None,
+            padding_mask_crop=args.padding_mask_crop,
             warnings=sorted({w for r in runs for w in r.warnings}), notes=engine.c.notes), indent=2))
     else:
         p0 = runs[0].params
         print(f"seed {seed}  recipe {p0['recipe']}  sampler {p0['sampler']}  guidance {p0['guidance']:g}  "
               f"model {engine.c.name}")
+        for u, c in zip(req.control, controls):
+            via = f"{u.preprocess} of {c['image']}" if u.preprocess else c["image"]
+            print(f"control {u.model} ({via}) scale {u.scale:g} steps {u.start:g}-{u.end:g}")
+        if args.mask:
+            print(f"inpainting {args.init_image} where {args.mask} is white (blur {args.mask_blur})"
+                  + (f", masked area + {args.padding_mask_crop} px" if args.padding_mask_crop is not None else ""))
         for r in records:
             print(f"{r['path']}  (seed {r['seed']}, {r['steps']} step{'s' if r['steps'] > 1 else ''})")
         if grid_path:
@@ -249,6 +366,38 @@ def cmd_generate(args):
                 print(f"timings ({r.steps_run} steps): text {t['text']:.3f}s, steps [{steps}]s, decode "
                       f"{t['decode']:.3f}s, total {t['total']:.3f}s")
     return 0
+
+
+def load_controls(engine, controls, allow_pickle):
+    """The ControlUnits of parsed --control values, loading each ControlNet once (a kind: the family's default)."""
+    from .arch import controlnet_name, default_controlnet
+    from .request import ControlUnit
+
+    names, units = {}, []
+    for c in controls:
+        src = c["source"]
+        if src is None:
+            src = default_controlnet(engine.arch, c["kind"])
+            if src is None:
+                raise RequestError(f"--control {c['kind']}: fewstep knows no {c['kind']} ControlNet for "
+                                   f"{engine.c.preset.title} models: give one as MODEL:IMAGE")
+        if src not in names:
+            stem = controlnet_name(src)
+            name, k = stem, 1
+            while name in engine.controlnets:
+                k += 1
+                name = f"{stem}-{k}"
+            names[src] = engine.load_controlnet(src, name=name, allow_pickle=allow_pickle)
+        units.append(ControlUnit(model=names[src], image=c["picture"], scale=c["scale"], start=c["start"],
+                                 end=c["end"], preprocess=c["kind"]))
+    return tuple(units)
+
+
+def inpaint_params(req):
+    """Metadata of inpainting the engine's describe() may leave out (A1111's Mask blur, Only masked padding)."""
+    if req.mask is None:
+        return {}
+    return dict(mask_blur=req.mask_blur, padding_mask_crop=req.padding_mask_crop)
 
 
 def quiet_libraries():

@@ -22,6 +22,12 @@ def parameters_text(params, seed):
         fields.append(("Recipe", params["recipe"]))
     if params.get("strength") is not None:
         fields.append(("Denoising strength", f"{params['strength']:g}"))
+    if params.get("mask_blur") is not None:  # A1111 writes it for inpainting
+        fields.append(("Mask blur", params["mask_blur"]))
+    if params.get("padding_mask_crop") is not None:  # A1111's "Only masked" inpaint area with its padding
+        fields.extend([("Inpaint area", "Only masked"), ("Masked area padding", params["padding_mask_crop"])])
+    for i, unit in enumerate(params.get("control") or ()):
+        fields.append((f"ControlNet {i}", control_text(unit)))
     if params.get("gamma") is not None:
         fields.append(("TCD gamma", f"{params['gamma']:g}"))
     if params.get("loras"):
@@ -31,6 +37,20 @@ def parameters_text(params, seed):
     fields.append(("Version", f"fewstep {params.get('version', '')}".strip()))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
+
+
+def control_text(unit):
+    """One ControlNet unit as A1111's ControlNet extension writes it (its infotext.serialize_unit: "Field Name:
+    value" pairs joined by ", ", the whole quoted); the fields fewstep has, in the extension's order."""
+    model = re.sub(r"[,:\"]", "_", str(unit["model"]))  # the extension's format has no escape for these
+    return '"' + ", ".join([f"Module: {unit.get('preprocess') or 'none'}", f"Model: {model}",
+                            f"Weight: {unit.get('scale', 1.0):g}", f"Guidance Start: {unit.get('start', 0.0):g}",
+                            f"Guidance End: {unit.get('end', 1.0):g}"]) + '"'
+
+
+def read_control(value):
+    """{"Module": ..., "Model": ..., ...} of a "ControlNet N" value (read_parameters strips its quotes)."""
+    return dict(item.split(": ", 1) for item in value.split(", ") if ": " in item)
 
 
 def read_parameters(text):
@@ -47,6 +67,58 @@ def read_parameters(text):
     for key, value in re.findall(r'\s*([\w ]+): ("[^"]*"|[^,]*)(?:,|$)', last):
         out[key.strip()] = value.strip().strip('"')
     return out
+
+
+def fit_mask(mask, size):
+    """An inpainting mask (PIL, any mode) as a one-channel image of `size` (white = repaint), and a warning when it
+    had to be resized (nearest neighbour: a hard mask stays hard; mask_blur softens it after)."""
+    from PIL import Image
+
+    mask = mask.convert("L")
+    if mask.size == tuple(size):
+        return mask, None
+    warning = f"the mask is {mask.size[0]}x{mask.size[1]}, the image {size[0]}x{size[1]}: the mask was resized"
+    return mask.resize(tuple(size), resample=Image.Resampling.NEAREST), warning
+
+
+def alpha_mask(image, transparent_only=True):
+    """OpenAI's mask convention (transparent = edit) as fewstep's (white = repaint): an image's alpha channel ->
+    L mask, white where fully transparent. None when the image has no alpha channel, or (transparent_only) no
+    fully transparent pixel."""
+    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    if transparent_only and alpha.getextrema()[0] > 0:
+        return None
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+def fill_masked(image, mask):
+    """A1111's inpainting_fill 0 ("fill"): the area to repaint (white in the mask) painted with the colours around
+    it, the rest kept. Normalized Gaussian blurs of the kept pixels (a premultiplied-alpha blur, un-premultiplied),
+    coarse to fine: each finer one wins where it has support, so colours come from the nearest kept pixels."""
+    from PIL import Image, ImageFilter
+
+    image = image.convert("RGB")
+    keep = mask.convert("L").point(lambda v: 255 if v < 128 else 0)
+    if keep.getextrema()[1] == 0:
+        return image  # nothing kept to take colours from
+    layer = image.copy()
+    layer.putalpha(keep)
+    premultiplied = layer.convert("RGBa")
+    out = Image.new("RGB", image.size, tuple(int(v) for v in _mean(image, keep)))
+    for radius in (64, 16, 4, 1):
+        blurred = premultiplied.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        support = blurred.getchannel("A").point(lambda v: 255 if v > 0 else 0)
+        out.paste(blurred.convert("RGB"), mask=support)
+    out.paste(image, mask=keep)
+    return out
+
+
+def _mean(image, mask):
+    from PIL import ImageStat
+
+    return ImageStat.Stat(image, mask).mean
 
 
 def save_png(image, path, parameters):

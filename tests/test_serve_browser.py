@@ -4,7 +4,9 @@ makes an image appear, with its time and a download link; LoRA sliders and the A
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fewstep.serve.config import ServeConfig
 from tests.support.serve import LiveServer, default_engine
@@ -74,3 +76,63 @@ def test_the_page_asks_for_the_api_key(browser):
         page.fill("#prompt", "a blue square")
         page.click("#generate")
         page.wait_for_selector("#gallery figure img", timeout=30_000)
+
+
+@pytest.fixture(scope="module")
+def page_files(tmp_path_factory):
+    from tests.support.control import edge_image
+
+    root = tmp_path_factory.mktemp("page-images")
+    edge_image().save(root / "edges.png")
+    Image.new("RGB", (64, 64), (30, 60, 200)).save(root / "init.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    from tests.support.control import shapes_controlnet
+
+    engine = default_engine()
+    engine.load_controlnet(shapes_controlnet(tmp_path_factory.mktemp("page-cn") / "shapes-edges"),
+                           name="shapes-edges")
+    try:
+        with LiveServer(engine, ServeConfig(max_wait=0.0)) as server:
+            yield server
+    finally:
+        engine.unload_controlnet("shapes-edges")
+
+
+def test_control_image_with_canny_preview_and_a_drawn_mask(browser, controlled, page_files):
+    import base64
+    import io
+
+    page = browser.new_page()
+    page.goto(controlled.url + "/")
+    page.wait_for_selector("#control-model option[value='shapes-edges']", state="attached")
+    page.click("#control-box summary")
+    with page.expect_response(lambda r: r.url.endswith("/api/preprocess")) as preview:
+        page.set_input_files("#control-file", str(page_files / "edges.png"))
+    assert preview.value.status == 200
+    page.wait_for_function("document.querySelector('#control-preview').src.startsWith('blob:')")
+    page.select_option("#control-model", "shapes-edges")
+
+    page.click("#image-box summary")
+    page.set_input_files("#init-file", str(page_files / "init.png"))
+    page.wait_for_selector("#mask-canvas", state="visible")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.fill("#prompt", "a red circle")
+    with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/img2img") and "mask" in (r.post_data or "")) as req:
+        page.mouse.move(box["x"] + 5, box["y"] + 5)  # a stroke down the left side
+        page.mouse.down()
+        page.mouse.move(box["x"] + 8, box["y"] + box["height"] - 5, steps=8)
+        page.mouse.up()
+    body = req.value.post_data_json
+    assert body["init_images"] and body["inpainting_fill"] == 1 and body["prompt"] == "a red circle"
+    (unit,) = body["alwayson_scripts"]["controlnet"]["args"]
+    assert unit["module"] == "canny" and unit["model"] == "shapes-edges"
+    mask = Image.open(io.BytesIO(base64.b64decode(body["mask"]))).convert("L")
+    assert mask.size == (64, 64)
+    painted = np.asarray(mask)
+    assert painted[:, :8].max() >= 128 and painted[:, 16:].max() == 0  # painted on the left, nothing elsewhere
+    page.wait_for_selector("#gallery figure img", timeout=30_000)
+    assert "ControlNet" not in page.inner_text("#status")  # no error shown

@@ -73,7 +73,7 @@ REFUSED = [  # route, body, field named in the 422
     (IMG2IMG, {"prompt": "x", "init_images": [png_b64((300, 300))]}, "init_images"),  # too many pixels
     (IMG2IMG, {"prompt": "x", "init_images": [png_b64((200, 64))]}, "width"),  # its size is over --max-size
     (IMG2IMG, {"prompt": "x", "init_images": [png_b64((64, 64))], "denoising_strength": 0}, "denoising_strength"),
-    (IMG2IMG, {"prompt": "x", "init_images": [png_b64((64, 64))], "mask": png_b64((64, 64))}, "mask"),
+    (IMG2IMG, {"prompt": "x", "init_images": [png_b64((64, 64))], "mask": "not base64!"}, "mask"),
 ]
 
 

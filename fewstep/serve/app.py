@@ -3,9 +3,13 @@
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
+import io
+import json
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -25,10 +29,12 @@ from . import dialects
 from .adapters import Adapters
 from .batcher import Batcher, GenerationFailed, QueueFull, TimedOut
 from .config import ServeConfig
+from .controlnets import ControlNets
 from .metrics import Metrics
 
 log = logging.getLogger("fewstep")
 STATIC = Path(__file__).parent / "static"
+IMAGES_KEPT = 32  # decoded uploads kept by content
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # and /static/: the page's files hold no data and cost no compute
 KINDS = {401: "authentication_error", 404: "not_found", 413: "invalid_request_error", 422: "invalid_request_error",
          429: "rate_limit_error", 499: "client_closed_request", 504: "timeout"}
@@ -47,12 +53,34 @@ class Server:
         self.metrics = Metrics()
         self.adapters = Adapters(engine, config.lora_dir, max_weight=config.max_lora_weight,
                                  max_per_request=config.max_loras, max_loaded=config.loaded_loras)
+        self.controlnets = ControlNets(engine, allow_pickle=config.allow_pickle)
         self.batcher = Batcher(engine, self.adapters, max_batch=config.max_batch, max_wait=config.max_wait,
-                               queue_size=config.queue_size, metrics=self.metrics)
+                               queue_size=config.queue_size, metrics=self.metrics, controlnets=self.controlnets)
         self.metrics.watch(self.batcher)
         self.model = engine.c.name
         self.created = int(time.time())
         self.files = OrderedDict()  # token -> PNG bytes, for response_format "url"
+        # decoded uploads by content: the same image sent twice is the same object, so its requests may batch
+        self.images = OrderedDict()
+        self._images_lock = threading.Lock()
+
+    def decode(self, data, param, mode="RGB"):
+        """A base64 upload (str) or a file's bytes as a PIL image, checked (422 naming `param`), kept a while."""
+        raw = data.encode() if isinstance(data, str) else data
+        key = (hashlib.sha256(raw).digest(), isinstance(data, str), mode)
+        with self._images_lock:
+            if key in self.images:
+                self.images.move_to_end(key)
+                return self.images[key]
+        if isinstance(data, str):
+            image = dialects.decode_image(data, max_pixels=self.config.max_image_pixels, param=param, mode=mode)
+        else:
+            image = dialects.decode_bytes(data, max_pixels=self.config.max_image_pixels, param=param, mode=mode)
+        with self._images_lock:
+            self.images[key] = image
+            while len(self.images) > IMAGES_KEPT:
+                self.images.popitem(last=False)
+        return image
 
     def keep(self, png):
         token = secrets.token_urlsafe(18)
@@ -242,20 +270,67 @@ def create_app(engine, config=None):
             return error(404, "no such image (images are kept for a while only)")
         return Response(png, media_type="image/png")
 
+    @app.post("/v1/images/edits")
+    async def openai_edits(request: Request):
+        body, image, mask = await edit_form(request)
+        spec = await run_in_threadpool(dialects.openai_edit_spec, server, body, image, mask)
+        result = await server.generate(request, spec, "openai")
+        pngs = await run_in_threadpool(dialects.encode_all, result)
+        urls = None
+        if body.response_format == "url":
+            urls = [str(request.url_for("image_file", token=server.keep(png))) for png in pngs]
+        return dialects.openai_response(spec, result, pngs, urls)
+
+    async def edit_form(request):
+        """The multipart form of /v1/images/edits: (OpenAIEdits, image RGBA, mask or None), each checked."""
+        from pydantic import ValidationError
+
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise dialects.Invalid("image", "send multipart/form-data with the image as a file (as OpenAI's API)")
+        form = await request.form(max_files=4, max_fields=64)
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        if "loras" in fields:
+            try:
+                fields["loras"] = json.loads(fields["loras"])
+            except ValueError:
+                raise dialects.Invalid("loras", 'must be a JSON object like {"name": 0.8}') from None
+        try:
+            body = dialects.OpenAIEdits.model_validate(fields)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(x) for x in first.get("loc", ())) or None
+            raise dialects.Invalid(param, first.get("msg", "invalid value")) from None
+        uploads = {}
+        for name in ("image", "image[]", "mask"):
+            items = form.getlist(name)
+            if any(isinstance(v, str) for v in items):
+                raise dialects.Invalid(name.rstrip("[]"), "upload it as a file, not a text field")
+            uploads[name] = items
+        images = uploads["image"] + uploads["image[]"]
+        if len(images) != 1:
+            raise dialects.Invalid("image", f"give exactly one image file, got {len(images)}")
+        if len(uploads["mask"]) > 1:
+            raise dialects.Invalid("mask", "give at most one mask file")
+        image = await run_in_threadpool(server.decode, await images[0].read(), "image", None)
+        mask = None
+        if uploads["mask"]:
+            mask = await run_in_threadpool(server.decode, await uploads["mask"][0].read(), "mask", None)
+        return body, image, mask
+
     @app.post("/sdapi/v1/txt2img")
     async def a1111_txt2img(body: dialects.A1111Txt2Img, request: Request):
-        spec = dialects.a1111_spec(server, body)
+        spec = await run_in_threadpool(dialects.a1111_spec, server, body)
         return await a1111_run(body, spec, request)
 
     @app.post("/sdapi/v1/img2img")
     async def a1111_img2img(body: dialects.A1111Img2Img, request: Request):
-        if body.mask:
-            raise dialects.Invalid("mask", "inpainting is not supported: leave mask out")
         if len(body.init_images) != 1:
             raise dialects.Invalid("init_images", f"give exactly one image, got {len(body.init_images)}")
-        image = await run_in_threadpool(dialects.decode_image, body.init_images[0],
-                                        max_pixels=config.max_image_pixels)
-        spec = dialects.a1111_spec(server, body, init_image=image)
+        image = await run_in_threadpool(server.decode, body.init_images[0], "init_images")
+        mask = None
+        if body.mask:
+            mask = await run_in_threadpool(server.decode, body.mask, "mask", None)
+        spec = await run_in_threadpool(dialects.a1111_spec, server, body, image, mask)
         return await a1111_run(body, spec, request)
 
     async def a1111_run(body, spec, request):
@@ -296,6 +371,36 @@ def create_app(engine, config=None):
     async def options():
         return {"sd_model_checkpoint": server.model}
 
+    @app.get("/controlnet/model_list")
+    async def controlnet_models():
+        return {"model_list": server.controlnets.names()}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules():
+        return {"module_list": list(server.controlnets.modules)}
+
+    @app.post("/api/preprocess")
+    async def preprocess(request: Request):
+        """The page's preview: a built-in preprocessor (form field module, default canny) run on an uploaded
+        image (form file image); answers the PNG it makes."""
+        from ..control import preprocess as run_preprocessor
+
+        form = await request.form(max_files=1, max_fields=4)
+        upload, module = form.get("image"), str(form.get("module") or "canny").lower()
+        if upload is None or isinstance(upload, str):
+            raise dialects.Invalid("image", "upload the image as a file")
+        if module not in server.controlnets.modules[1:]:
+            raise dialects.Invalid("module", f"unknown preprocessor {module!r} (this server has "
+                                             f"{', '.join(server.controlnets.modules[1:])})")
+        image = await run_in_threadpool(server.decode, await upload.read(), "image")
+
+        def run():
+            buf = io.BytesIO()
+            run_preprocessor(module, image).save(buf, format="PNG")
+            return buf.getvalue()
+
+        return Response(await run_in_threadpool(run), media_type="image/png")
+
     @app.get("/api/info")
     async def info():
         """What the page needs: model, defaults, limits, LoRA names."""
@@ -305,6 +410,8 @@ def create_app(engine, config=None):
                 "size_step": engine.vae_factor, "defaults": engine.defaults(), "recipe": engine.default_recipe(),
                 "samplers": list(SAMPLERS), "recipes": list(RECIPES),
                 "loras": server.adapters.available(),
+                "controlnet": {"models": server.controlnets.names(), "modules": list(server.controlnets.modules),
+                               "defaults": dict(server.controlnets.defaults)},
                 "limits": {"max_size": c.max_size, "max_images": c.max_images, "max_steps": c.max_steps,
                            "max_guidance": c.max_guidance, "max_lora_weight": c.max_lora_weight,
                            "max_loras": c.max_loras}}

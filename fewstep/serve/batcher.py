@@ -1,10 +1,11 @@
 """Request batching: compatible requests share one UNet batch; one worker thread owns the engine.
 
 Requests are grouped by everything that must be equal inside one engine call (steps, guidance, sampler, size,
-negative prompt, adapter set, init image); prompts and seeds may differ, since the engine takes one seed per image:
-a batched image matches the image the same request gets alone to within 1/255 (the batch size changes the GEMM
-blocking, so the last bit moves; not bit for bit). The oldest waiting request picks the next batch,
-which waits at most `max_wait` for company; adapter sets are switched between batches, never during one.
+negative prompt, adapter set, init image and mask, ControlNets and their scales); prompts and seeds may differ,
+since the engine takes one seed per image: a batched image matches the image the same request gets alone to within
+1/255 (the batch size changes the GEMM blocking, so the last bit moves; not bit for bit). The oldest waiting request
+picks the next batch, which waits at most `max_wait` for company; adapter sets are switched between batches, never
+during one.
 """
 
 import concurrent.futures
@@ -38,17 +39,24 @@ class GenerationFailed(Exception):
     """An unexpected engine failure (a bug or a device fault), reported to the requests of its batch."""
 
 
-# What may differ between the requests of one engine call: each image has its own prompt and seed.
-PER_IMAGE = ("prompt", "seeds", "seed", "num_images", "init_image")
+# What may differ between the requests of one engine call: each image has its own prompt and seed. Init images and
+# masks are compared by identity: one of each per engine call (the server hands identical uploads the same object).
+PER_IMAGE = ("prompt", "seeds", "seed", "num_images", "init_image", "mask", "control")
 
 
 @dataclass(frozen=True)
 class Spec:
     """One request as the engine will run it: the request resolved by the engine (defaults filled in, checked,
-    one seed per image) and its canonical adapter set ((name, weight), ...) sorted, no zero weights."""
+    one seed per image) and its canonical adapter set ((name, weight), ...) sorted, no zero weights.
+
+    controlnets: (name, source) of the ControlNets it names that the worker loads before its batch runs (a
+    preprocessor's default ControlNet on first use); notes: what the server changed in it (a resized mask), said
+    in the response's warnings."""
 
     request: GenerateRequest
     loras: tuple = ()
+    controlnets: tuple = ()
+    notes: tuple = ()
 
     @property
     def prompt(self):
@@ -68,10 +76,12 @@ class Spec:
         return getattr(self.request, name)
 
     def key(self):
-        """Requests with equal keys can run in one engine call."""
+        """Requests with equal keys can run in one engine call: the same ControlNets with the same scales and
+        steps; their control images may differ (the engine takes one per image, fewstep.control.prepare)."""
         r = self.request
-        image = None if r.init_image is None else id(r.init_image)  # one init image per engine call
-        return tuple(getattr(r, f.name) for f in fields(r) if f.name not in PER_IMAGE) + (image, self.loras)
+        same = tuple(getattr(r, f.name) for f in fields(r) if f.name not in PER_IMAGE)
+        units = tuple((u.model, u.scale, u.start, u.end, u.preprocess) for u in r.control)
+        return same + (id(r.init_image), id(r.mask), units, self.loras)
 
 
 def random_seeds(n, seed=None):
@@ -148,9 +158,11 @@ class Job:
 class Batcher:
     """Queue + one worker thread that runs every engine call (generation and adapter switches)."""
 
-    def __init__(self, engine, adapters, *, max_batch=8, max_wait=0.02, queue_size=64, metrics=None):
+    def __init__(self, engine, adapters, *, max_batch=8, max_wait=0.02, queue_size=64, metrics=None,
+                 controlnets=None):
         self.engine = engine
         self.adapters = adapters
+        self.controlnets = controlnets  # fewstep.serve.controlnets.ControlNets: loads what a batch names
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.queue_size = queue_size
@@ -238,7 +250,8 @@ class Batcher:
                     continue
                 head = self._pending[0]
                 key = head.spec.key()
-                ready = sum(j.spec.n - j.scheduled for j in self._pending if j.spec.key() == key)
+                ready = sum(j.spec.n - j.scheduled for j in self._pending
+                            if j.spec.key() == key)
                 left = head.arrived + self.max_wait - time.monotonic()
                 if ready >= self.max_batch or left <= 0:
                     break
@@ -256,6 +269,15 @@ class Batcher:
                 if job.scheduled == job.spec.n:
                     self._pending.remove(job)
             return batch
+
+    def _control(self, batch):
+        """The batch's ControlUnits: the first job's, with one control image per image when they may differ."""
+        units = batch[0][0].spec.request.control
+        if not units or len(batch) == 1:
+            return units
+        return tuple(replace(u, image=tuple(j.spec.request.control[k].image for j, _, count in batch
+                                            for _ in range(count)))
+                     for k, u in enumerate(units))
 
     def _run(self, batch):
         """One engine call for the batch; on an error with several jobs, each runs alone so only its own fails."""
@@ -275,9 +297,12 @@ class Batcher:
             self.adapters.apply(spec.loras)
             if self.metrics and self.adapters.switches != before:
                 self.metrics.adapter_switches.inc()
+            if self.controlnets is not None and spec.controlnets:
+                self.controlnets.ensure(spec.controlnets)
             req = replace(spec.request, num_images=1,
                           prompt=tuple(j.spec.prompt for j, _, count in batch for _ in range(count)),
-                          seeds=tuple(s for j, start, count in batch for s in j.spec.seeds[start:start + count]))
+                          seeds=tuple(s for j, start, count in batch for s in j.spec.seeds[start:start + count]),
+                          control=self._control(batch))
 
             def on_step(i, total):
                 if self.metrics:
@@ -316,6 +341,9 @@ class Batcher:
         for job, start, count in batch:
             params = dict(gen.params, prompt=job.spec.prompt, loras=dict(job.spec.loras),
                           negative_prompt=job.spec.negative_prompt)
+            if job.spec.mask is not None:  # A1111's inpainting metadata, where describe() leaves it out
+                params.setdefault("mask_blur", job.spec.mask_blur)
+                params.setdefault("padding_mask_crop", job.spec.padding_mask_crop)
             job.deliver(start, gen.images[k:k + count], params, seconds, n, gen.warnings)
             k += count
 

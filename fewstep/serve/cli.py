@@ -38,7 +38,12 @@ def add_parser(subparsers):
                                                            "`fewstep recipes`); requests may send their own")
     p.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"],
                    help="override the model's prediction type (SDXL-Lightning's 1-step x0 UNet: sample)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt files (they can run code)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt/.bin/.pt files for the model, UNet and ControlNets (they can run code)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="SRC",
+                   help="a ControlNet (folder, .safetensors file or hub id) loaded at start, named by its file stem "
+                        "in requests (repeatable); a request naming only a module (canny) loads the model family's "
+                        "default ControlNet for it on first use")
     p.add_argument("--lora-dir", help="folder of .safetensors LoRAs that requests may name (by file stem only)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -90,7 +95,7 @@ def config_from(args):
                        max_size=args.max_size, max_images=args.max_images, max_steps=args.max_steps,
                        max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                        max_prompt_chars=args.max_prompt_chars, max_loras=args.max_loras,
-                       loaded_loras=args.loaded_loras, keep_images=args.keep_images)
+                       loaded_loras=args.loaded_loras, keep_images=args.keep_images, allow_pickle=args.allow_pickle)
 
 
 def bind(host, port):
@@ -129,6 +134,14 @@ def cmd_serve(args):
     from .app import create_app
 
     config = config_from(args)
+    from ..sources import is_hub_id, is_pickle, local_path
+
+    for src in args.controlnet:  # checked before the (slow) load
+        if not (local_path(src).exists() or is_hub_id(src)):
+            raise ServeError(f"--controlnet {src}: no such file or folder, and not a hub id")
+        if is_pickle(src) and not args.allow_pickle:
+            raise ServeError(f"--controlnet {src}: a pickle file can run code when loaded: pass --allow-pickle if "
+                             "you trust it")
     sock = bind(args.host, args.port)
     if not is_loopback(args.host) and not config.api_key:
         log.warning(f"serving on {args.host} without --api-key: anyone who can reach this port can use it")
@@ -138,13 +151,20 @@ def cmd_serve(args):
                           **speed.speed_kwargs(args))
     for note in engine.c.notes:
         log.warning(note)
+    from ..arch import controlnet_name
+
+    for src in args.controlnet:
+        name = engine.load_controlnet(src, name=controlnet_name(src), allow_pickle=args.allow_pickle)
+        log.info(f"ControlNet {name} loaded from {src}")
     if args.warmup:
         engine.generate("warm-up", seed=0)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"fewstep: serving {engine.c.name} ({engine.device}, {str(engine.dtype).split('.')[-1]}) on "
           f"http://{shown}:{port}/ after {time.perf_counter() - t0:.1f} s; OpenAI /v1/images/generations, "
-          f"A1111 /sdapi/v1/txt2img", file=sys.stderr, flush=True)
+          f"/v1/images/edits, A1111 /sdapi/v1/txt2img, /sdapi/v1/img2img"
+          + (f"; ControlNets {', '.join(engine.controlnets)}" if engine.controlnets else ""),
+          file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="info" if args.verbose else "warning",
                                           access_log=args.verbose, timeout_graceful_shutdown=5))
     try:

@@ -31,6 +31,7 @@ class ServeConfig:
     max_loras: int = 4  # adapters per request
     loaded_loras: int = 8  # adapters kept fused-ready in memory (least recently used are unloaded)
     keep_images: int = 256  # PNGs kept for response_format "url"
+    allow_pickle: bool = False  # ControlNets loaded on first use may be pickles (`fewstep serve --allow-pickle`)
 
     def __post_init__(self):
         def need(ok, flag, what):

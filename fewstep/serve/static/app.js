@@ -71,6 +71,11 @@ async function loadInfo() {
     list.append(row);
   }
   $("loras").hidden = info.loras.length === 0;
+  const cn = info.controlnet || { models: [], modules: ["none"], defaults: {} };
+  $("control-module").replaceChildren(...cn.modules.map((m) => new Option(m, m)));
+  if (cn.modules.includes("canny")) $("control-module").value = "canny";
+  $("control-model").replaceChildren(new Option("the preprocessor's default", ""),
+                                     ...cn.models.map((m) => new Option(m, m)));
   showValues();
   if ($("prompt").value.trim()) schedule();
 }
@@ -78,6 +83,155 @@ async function loadInfo() {
 function showValues() {
   $("steps-out").textContent = $("steps").value;
   $("guidance-out").textContent = Number($("guidance").value).toFixed(1);
+  $("strength-out").textContent = Number($("strength").value).toFixed(2);
+  $("brush-out").textContent = $("brush").value;
+  $("control-weight-out").textContent = Number($("control-weight").value).toFixed(2);
+}
+
+// ---- init image and mask: the mask is painted white (= repaint) on a canvas the size of the image ----------------
+let initData = null; // base64 PNG/JPEG of the init image
+let controlData = null; // base64 of the control image as uploaded (the server runs the preprocessor)
+let masked = false;
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+    r.readAsDataURL(file);
+  });
+}
+
+async function setInit(file) {
+  const url = await readFile(file);
+  initData = url.split(",", 2)[1];
+  const img = $("init-preview");
+  await new Promise((resolve) => { img.onload = resolve; img.src = url; });
+  const canvas = $("mask-canvas");
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  clearMask();
+  $("mask-wrap").hidden = false;
+  schedule();
+}
+
+function clearMask() {
+  const c = $("mask-canvas");
+  c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  masked = false;
+}
+
+function maskData() {
+  // what the server reads: black = keep, white = repaint (the painted strokes), the image's size
+  const c = $("mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = c.width;
+  out.height = c.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "black";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(c, 0, 0);
+  return out.toDataURL("image/png").split(",", 2)[1];
+}
+
+function paint(e, from) {
+  const c = $("mask-canvas");
+  const rect = c.getBoundingClientRect();
+  const sx = c.width / rect.width, sy = c.height / rect.height;
+  const at = [(e.clientX - rect.left) * sx, (e.clientY - rect.top) * sy];
+  const ctx = c.getContext("2d");
+  ctx.strokeStyle = ctx.fillStyle = "white";
+  ctx.lineCap = "round";
+  ctx.lineWidth = Number($("brush").value) * sx;
+  ctx.beginPath();
+  ctx.moveTo(...(from || at));
+  ctx.lineTo(...at);
+  ctx.stroke();
+  masked = true;
+  return at;
+}
+
+let last = null;
+$("mask-canvas").addEventListener("pointerdown", (e) => {
+  $("mask-canvas").setPointerCapture(e.pointerId);
+  last = paint(e, null);
+});
+$("mask-canvas").addEventListener("pointermove", (e) => { if (last) last = paint(e, last); });
+$("mask-canvas").addEventListener("pointerup", () => { if (last) { last = null; schedule(); } });
+
+async function setControl(file) {
+  const url = await readFile(file);
+  controlData = url.split(",", 2)[1];
+  await previewControl(file);
+  schedule();
+}
+
+async function previewControl(file) {
+  // the page shows what the ControlNet sees: the server's preprocessor output (POST /api/preprocess)
+  const module = $("control-module").value;
+  const img = $("control-preview");
+  if (!file) return;
+  if (module === "none") {
+    img.src = await readFile(file);
+  } else {
+    const form = new FormData();
+    form.append("image", file);
+    form.append("module", module);
+    const h = headers();
+    delete h["Content-Type"];
+    const r = await fetch("/api/preprocess", { method: "POST", headers: h, body: form });
+    if (!r.ok) return status("preview failed: " + r.status, true);
+    img.src = URL.createObjectURL(await r.blob());
+  }
+  img.hidden = false;
+}
+
+$("init-file").addEventListener("change", (e) => { if (e.target.files[0]) setInit(e.target.files[0]); });
+$("control-file").addEventListener("change", (e) => { if (e.target.files[0]) setControl(e.target.files[0]); });
+$("control-module").addEventListener("change", () => {
+  const f = $("control-file").files[0];
+  if (f) previewControl(f);
+  schedule();
+});
+$("clear-mask").addEventListener("click", () => { clearMask(); schedule(); });
+$("remove-init").addEventListener("click", () => {
+  initData = null;
+  $("init-file").value = "";
+  $("mask-wrap").hidden = true;
+  clearMask();
+  schedule();
+});
+$("remove-control").addEventListener("click", () => {
+  controlData = null;
+  $("control-file").value = "";
+  $("control-preview").hidden = true;
+  schedule();
+});
+
+function a1111Body(b) {
+  // with an init image (and a mask) or a control image the page speaks A1111: img2img / inpainting, ControlNet units
+  const [w, h] = (b.size || "x").split("x").map(Number);
+  const tags = Object.entries(b.loras || {}).map(([n, v]) => ` <lora:${n}:${v}>`).join("");
+  const a = { prompt: b.prompt + tags, negative_prompt: b.negative_prompt || "", steps: b.steps,
+              cfg_scale: b.guidance_scale, seed: b.seed === undefined ? -1 : b.seed };
+  if (w && h) Object.assign(a, { width: w, height: h });
+  if (initData) {
+    Object.assign(a, { init_images: [initData], denoising_strength: Number($("strength").value) });
+    if (masked) Object.assign(a, { mask: maskData(), mask_blur: 2, inpainting_fill: 1, inpaint_full_res: false });
+  }
+  if (controlData) {
+    a.alwayson_scripts = { controlnet: { args: [{
+      image: controlData, module: $("control-module").value, model: $("control-model").value || "None",
+      weight: Number($("control-weight").value) }] } };
+  }
+  return a;
+}
+
+function fromA1111(j, b) {
+  // the A1111 answer as the OpenAI one the gallery shows
+  const info = JSON.parse(j.info);
+  return { data: j.images.map((img, i) => ({ b64_json: img, seed: info.all_seeds[i], revised_prompt: b.prompt })),
+           timings: info.timings };
 }
 
 function body() {
@@ -117,18 +271,22 @@ async function generate() {
   const req = body();
   const t0 = performance.now();
   status("generating…");
+  const a1111 = Boolean(initData || controlData);
+  const url = a1111 ? (initData ? "/sdapi/v1/img2img" : "/sdapi/v1/txt2img") : "/v1/images/generations";
   try {
-    const r = await fetch("/v1/images/generations", {
-      method: "POST", headers: headers(), body: JSON.stringify(req), signal: controller.signal,
+    const r = await fetch(url, {
+      method: "POST", headers: headers(), body: JSON.stringify(a1111 ? a1111Body(req) : req),
+      signal: controller.signal,
     });
     if (r.status === 401) return needKey();
-    const j = await r.json();
+    let j = await r.json();
     if (mine !== seq) return; // a newer request superseded this one
     if (!r.ok) {
       const msg = (j.error && j.error.message) || r.statusText;
       const retry = r.headers.get("Retry-After");
       return status(msg + (retry ? ` (retry in ${retry} s)` : ""), true);
     }
+    if (a1111) j = fromA1111(j, req);
     const seconds = (performance.now() - t0) / 1000;
     for (const item of j.data) show(item, req, seconds, j.timings);
     status("");
@@ -172,9 +330,11 @@ $("prompt").addEventListener("input", schedule);
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
 });
-for (const id of ["steps", "guidance", "seed", "size", "negative", "random-seed"]) {
+for (const id of ["steps", "guidance", "seed", "size", "negative", "random-seed", "strength", "control-weight",
+                  "control-model"]) {
   $(id).addEventListener("input", schedule);
 }
+$("brush").addEventListener("input", showValues);
 $("generate").addEventListener("click", generate);
 $("save-key").addEventListener("click", () => {
   sessionStorage.setItem("fewstep-key", $("api-key").value);
