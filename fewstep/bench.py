@@ -42,6 +42,9 @@ def add_parser(sub):
     b.add_argument("--compile", action="store_true", help="torch.compile fewstep's UNet and decoder (time reported)")
     b.add_argument("--cuda-graphs", action="store_true", help="replay fewstep's UNet steps as CUDA graphs")
     b.add_argument("--fused-qkv", action="store_true", help="fuse fewstep's attention q/k/v projections")
+    b.add_argument("--controlnet", action="store_true",
+                   help="the few-step rows also run one ControlNet (random weights of the model's ControlNet "
+                        "architecture, from_unet) on an edge image: fewstep vs diffusers' ControlNet pipeline")
     b.add_argument("--quality", action="store_true",
                    help="also PSNR of fewstep's image against an fp32 run with every speed option off (same seed)")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -227,11 +230,12 @@ def run_bench(args):
     if "diffusers-seed" in systems:
         pipes["diffusers-seed"] = _pipeline(loading.place(pristine, "seed", comps.arch, dev, seed_dtype), seed_dtype)
         pipes["diffusers-seed"].load_lora_weights(lora)  # peft layers, unfused: what the blog's code does
+    control, cn_pipes = _controlnets(args, engine, pipes, size) if args.controlnet else ((), {})
     rows = []
     meta = dict(arch=comps.arch, weights=weights, size=size, device=_device_name(dev), commit=_commit(),
                 torch=torch.__version__, fewstep_dtype=str(dt).split(".")[-1], compile=args.compile,
                 decoder=report.get("decoder", "full"), channels_last=report.get("channels_last", False),
-                cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv)
+                cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv, controlnet=args.controlnet)
 
     def one(system, mode, batch, timed):
         lcm = mode == "lcm"
@@ -239,7 +243,8 @@ def run_bench(args):
         if system == "fewstep":
             _set_lora(engine, lcm)
             fn = lambda: engine.generate(PROMPT, recipe=recipe.name if lcm else "standard", steps=steps,  # noqa
-                                         guidance=guidance, width=size, height=size, num_images=batch, seed=0)
+                                         guidance=guidance, width=size, height=size, num_images=batch, seed=0,
+                                         control=control if lcm else ())
             mods = (engine.c.text_encoders, (engine.fast, "unet_fn"), engine.fast, "decode_fn")
         else:
             pipe = pipes[system]
@@ -248,6 +253,10 @@ def run_bench(args):
             _set_diffusers_mode(pipe, system, lcm, recipe)
             call = dict(recipe.diffusers[2]) if lcm else {}
             call.setdefault("num_inference_steps", None if "timesteps" in call else steps)
+            if lcm and control:  # the same components with the ControlNet: diffusers' ControlNet pipeline
+                scheduler, pipe = pipe.scheduler, cn_pipes[system]
+                pipe.scheduler = scheduler
+                call.update(image=control[0].image)
             fn = lambda: pipe(PROMPT, guidance_scale=guidance, height=size, width=size,  # noqa
                               num_images_per_prompt=batch, generator=torch.Generator().manual_seed(0), **call)
             mods = (_encoders(pipe), pipe.unet, pipe.vae, "decode")
@@ -341,6 +350,41 @@ def _quality(rows, engine, parts, lora_file, size):
         b = np.asarray(ref.generate(PROMPT, **req).images[0], dtype=np.float64)
         mse = float(np.mean((a - b) ** 2))
         r["psnr_vs_fp32"] = 10 * np.log10(255**2 / max(mse, 1e-10))
+
+
+def _controlnets(args, engine, pipes, size):
+    """One random-weight ControlNet (from_unet, seeded; its zero convolutions made non-zero so it acts) loaded
+    into fewstep and into a diffusers ControlNet pipeline per system, and an edge image: (units, pipelines)."""
+    import copy
+
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+    from PIL import Image, ImageDraw
+
+    from .request import ControlUnit
+
+    torch.manual_seed(0)
+    levels = engine.vae_factor.bit_length()  # the conditioning embedding shrinks control images to latent size
+    net = ControlNetModel.from_unet(engine.c.unet.float(),
+                                    conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
+    engine.c.unet.to(engine.dtype)
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0, 1e-3)
+    folder = Path(f"/tmp/fewstep-bench-controlnet-{args.arch}")
+    net.save_pretrained(folder)
+    name = engine.load_controlnet(folder, name="bench")
+    image = Image.new("RGB", (size, size))
+    ImageDraw.Draw(image).rectangle((size // 4, size // 4, 3 * size // 4, 3 * size // 4), outline=(255, 255, 255),
+                                    width=max(1, size // 128))
+    cls = StableDiffusionXLControlNetPipeline if engine.c.preset.xl else StableDiffusionControlNetPipeline
+    cn_pipes = {}
+    for system, pipe in pipes.items():
+        own = engine.controlnets[name] if pipe.unet is engine.c.unet else copy.deepcopy(net).to(pipe.unet.device,
+                                                                                              pipe.unet.dtype)
+        cn_pipes[system] = cls.from_pipe(pipe, controlnet=own)
+        cn_pipes[system].set_progress_bar_config(disable=True)
+    return (ControlUnit(name, image),), cn_pipes
 
 
 def _random(arch):

@@ -103,6 +103,16 @@ def test_bench_recipe_rows_run_the_recipe_on_both_systems(models, capsys):
         assert r["recipe"] == "dmd2" and r["unet_calls"] == 4 and r["guidance"] == 0.0
 
 
+def test_bench_controlnet_rows(models, capsys):
+    code = main(["bench", "--model", str(models("sd")), "--size", "32", "--runs", "1", "--modes", "lcm",
+                 "--controlnet", "--systems", "fewstep,diffusers-seed", "--json", "--dtype", "fp32"])
+    assert code == 0
+    rows = {r["system"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == {"fewstep", "diffusers-seed"}
+    for r in rows.values():
+        assert r["controlnet"] and r["unet_calls"] == 4 and r["seconds"] > 0
+
+
 def _three_level_vae():
     from diffusers import AutoencoderKL
 
