@@ -1,4 +1,4 @@
-"""`fewstep train lcm-lora|lcm|lora`: flags and/or a config file -> TrainConfig -> fewstep.train.train.
+"""`fewstep train lcm-lora|lcm|lora|controlnet`: flags and/or a config file -> TrainConfig -> fewstep.train.train.
 
 Light imports only: torch loads when a command runs, not when `fewstep --help` builds the parser.
 """
@@ -22,7 +22,9 @@ def _common(p, lora=True):
     d = TrainConfig.__dataclass_fields__
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=S, help="image folder (metadata.jsonl {file_name, text}, or .txt captions "
-                   "next to the images), tar shards (folder, shard-{000..099}.tar, glob), or NAME:ARG (shapes:SEED)")
+                   "next to the images; for controlnet also a control image per image: conditioning/<path> or "
+                   "metadata's conditioning_image), tar shards (folder, shard-{000..099}.tar, glob), or NAME:ARG "
+                   "(shapes:SEED, shapes:SEED,controlnet)")
     g.add_argument("--out", default=S, help="output folder: result, checkpoints/, validation/, log.jsonl, "
                    "train_config.json")
     g.add_argument("--config", default=S, help="JSON/TOML file of settings (flag names as keys); flags override it; "
@@ -57,10 +59,11 @@ def _common(p, lora=True):
                    "end (default 500; 0: none)")
     g.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=S,
                    help="a validation prompt (repeatable; default: the first two captions of the data)")
-    g.add_argument("--validation-steps", type=_ints, default=S, help="step counts (default 1,2,4,8 LCM; 25 lora)")
+    g.add_argument("--validation-steps", type=_ints, default=S, help="step counts (default 1,2,4,8 LCM; 25 lora, "
+                   "controlnet)")
     g.add_argument("--validation-guidance", type=float, default=S)
     g.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"], default=S, help="dtype of the result "
-                   "(default fp16 LoRA files, fp32 model folders)")
+                   "(default fp16 LoRA files, fp32 model and ControlNet folders)")
     g.add_argument("--vae", default=S, help="another VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix)")
     g.add_argument("--allow-pickle", action="store_true", default=S, help="allow .ckpt/.bin model files")
     g.add_argument("--quiet", "-q", action="store_true", default=S, help="no progress bar")
@@ -91,22 +94,24 @@ def _distill(p, full):
 
 
 def add_parser(subparsers):
-    t = subparsers.add_parser("train", help="distil an LCM-LoRA or full LCM, or fine-tune a style LoRA",
+    t = subparsers.add_parser("train", help="distil an LCM-LoRA or full LCM, fine-tune a LoRA, train a ControlNet",
                               description="Train. The same command runs data-parallel under `accelerate launch`.")
     sub = t.add_subparsers(dest="method", required=True)
     specs = [("lcm-lora", "distil an LCM-LoRA from a teacher (kohya-layout .safetensors)"),
              ("lcm", "distil a full LCM (diffusers folder with the guidance-embedding UNet)"),
-             ("lora", "fine-tune a style LoRA with the noise-prediction loss")]
+             ("lora", "fine-tune a style LoRA with the noise-prediction loss"),
+             ("controlnet", "train a ControlNet (ControlNetModel.from_unet) on a frozen base model: a diffusers "
+                            "ControlNet folder")]
     for name, help_ in specs:
         p = sub.add_parser(name, help=help_, description=help_)
-        if name == "lora":
+        if name in ("lora", "controlnet"):
             g = p.add_argument_group("fine-tuning")
             g.add_argument("--base", dest="model", default=S, help="base model: folder, .safetensors or hub id")
             g.add_argument("--caption-dropout", type=float, default=S, help="share of empty captions (default 0)")
             g.add_argument("--snr-gamma", type=float, default=S, help="min-SNR loss weighting gamma (e.g. 5)")
         else:
             _distill(p, full=name == "lcm")
-        _common(p, lora=name != "lcm")
+        _common(p, lora=name in ("lcm-lora", "lora"))
         p.set_defaults(func=handle)
 
 
@@ -118,7 +123,8 @@ def config_from_args(args):
     values["method"] = args.method
     if isinstance(values.get("validation_prompts"), list):
         values["validation_prompts"] = tuple(values["validation_prompts"])
-    flag = {"model": "--base" if args.method == "lora" else "--teacher", "data": "--data", "out": "--out"}
+    flag = {"model": "--base" if args.method in ("lora", "controlnet") else "--teacher", "data": "--data",
+            "out": "--out"}
     missing = [f for k, f in flag.items() if not values.get(k)]
     if missing:
         raise TrainError(f"train {args.method} needs {', '.join(missing)} (as flags or in --config)")

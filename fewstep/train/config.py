@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import FewstepError
 
-METHODS = ("lcm-lora", "lcm", "lora")
+METHODS = ("lcm-lora", "lcm", "lora", "controlnet")
 
 # The LCM-LoRA recipe's targets (diffusers examples/consistency_distillation): attention, projections,
 # feed-forward, resnet convs, up/down samplers and the time-embedding projection.
@@ -33,8 +33,8 @@ class TrainError(FewstepError):
 class TrainConfig:
     """Every setting of a training run; None means "the method's / the model's default" (see resolved())."""
 
-    method: str  # lcm-lora | lcm | lora
-    model: str  # the teacher (lcm-lora, lcm) or the base model (lora): folder, .safetensors file or hub id
+    method: str  # lcm-lora | lcm | lora | controlnet
+    model: str  # the teacher (lcm-lora, lcm) or the base model (lora, controlnet): folder, .safetensors or hub id
     data: str  # image folder, tar shard pattern or NAME:ARG of a programmatic source
     out: str
     max_steps: int = 1000
@@ -43,7 +43,7 @@ class TrainConfig:
     resolution: int | None = None  # square side in pixels; default the model's native size
     crop: str = "center"  # center | random
     flip: bool = False  # random horizontal flips (off: captions often say left/right)
-    lr: float | None = None  # 1e-4 for LoRAs, 1e-6 for full LCMs (the diffusers READMEs)
+    lr: float | None = None  # 1e-4 for LoRAs, 1e-6 for full LCMs, 1e-5 for ControlNets (the diffusers READMEs)
     lr_warmup: int = 0
     lr_schedule: str = "constant"  # constant | cosine
     weight_decay: float = 1e-2
@@ -59,8 +59,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     validate_every: int = 500  # steps between validation grids, and one at the end; 0: none
     validation_prompts: tuple = ()  # default: the first two captions of the data
-    validation_steps: tuple | None = None  # (1, 2, 4, 8) LCM sampler for distillation; (25,) Euler for lora
-    validation_guidance: float | None = None  # 1.0 lcm-lora, 8.5 lcm (embedded), 7.5 lora
+    validation_steps: tuple | None = None  # (1, 2, 4, 8) LCM sampler for distillation; (25,) Euler for lora, controlnet
+    validation_guidance: float | None = None  # 1.0 lcm-lora, 8.5 lcm (embedded), 7.5 lora and controlnet
     gradient_checkpointing: bool = False
     num_workers: int = 4  # threads decoding images ahead of the step
     save_dtype: str | None = None  # fp16 | bf16 | fp32; default fp16 for LoRA files, fp32 for model folders
@@ -76,7 +76,7 @@ class TrainConfig:
     timestep_scaling: float | None = None  # default: the teacher's scheduler config (10)
     ema_decay: float = 0.95  # lcm: the target network's EMA
     time_cond_proj_dim: int = 256  # lcm: width of the guidance embedding added to the student
-    # lora fine-tuning
+    # lora fine-tuning and controlnet
     caption_dropout: float = 0.0
     snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023), off by default
     extra: dict = field(default_factory=dict)  # recorded, not interpreted (notes from the caller)
@@ -89,18 +89,19 @@ class TrainConfig:
         m = self.method
         lora = m in ("lcm-lora", "lora")
         rank = self.rank or (64 if m == "lcm-lora" else 16)
+        standard = m in ("lora", "controlnet")  # trained with the noise-prediction loss, validated with Euler
         return replace(
             self,
             resolution=self.resolution or native_size,
-            lr=self.lr if self.lr is not None else (1e-4 if lora else 1e-6),
+            lr=self.lr if self.lr is not None else (1e-4 if lora else 1e-5 if m == "controlnet" else 1e-6),
             rank=rank,
             lora_alpha=self.lora_alpha if self.lora_alpha is not None else float(rank),
             targets=self.targets or ("lcm" if m == "lcm-lora" else "transformer"),
             w_min=self.w_min if self.w_min is not None else (3.0 if xl else 5.0),
-            save_dtype=self.save_dtype or ("fp32" if m == "lcm" else "fp16"),
-            validation_steps=tuple(self.validation_steps or ((25,) if m == "lora" else (1, 2, 4, 8))),
+            save_dtype=self.save_dtype or ("fp32" if m in ("lcm", "controlnet") else "fp16"),
+            validation_steps=tuple(self.validation_steps or ((25,) if standard else (1, 2, 4, 8))),
             validation_guidance=(self.validation_guidance if self.validation_guidance is not None
-                                 else {"lcm-lora": 1.0, "lcm": 8.5, "lora": 7.5}[m]),
+                                 else {"lcm-lora": 1.0, "lcm": 8.5, "lora": 7.5, "controlnet": 7.5}[m]),
         )
 
     def target_modules(self):

@@ -2,9 +2,9 @@
 seeded order so that a run can be resumed at an exact position and split across processes.
 
 A source is any object with `source[i] -> (PIL image, caption)`, deterministic in i, and optionally `len(source)`
-(no len: an endless source, read in index order). Finite sources are shuffled once per epoch from the seed. The
-order of examples is global: step s of a run reads the same examples whatever the number of processes, and each
-process loads only its own slice of the global batch.
+(no len: an endless source, read in index order); a ControlNet's gives (image, caption, control image) triples.
+Finite sources are shuffled once per epoch from the seed. The order of examples is global: step s of a run reads
+the same examples whatever the number of processes, and each process loads only its own slice of the global batch.
 """
 
 import importlib
@@ -37,14 +37,21 @@ def register_source(name, factory):
 
 
 # ---- sources ------------------------------------------------------------------------------------------------
+CONDITIONING_DIR = "conditioning"  # an image folder's control images: conditioning/<the image's path>
+CONDITIONING_KEY = "conditioning_image"  # ... or this metadata.jsonl field (diffusers' train_controlnet column)
+
+
 class ImageFolder:
     """Images under a folder with captions from metadata.jsonl ({"file_name", "text"} per line, the Hugging Face
-    imagefolder convention) or, without it, from a .txt file next to each image (the kohya convention)."""
+    imagefolder convention) or, without it, from a .txt file next to each image (the kohya convention).
 
-    def __init__(self, root):
+    conditioning=True (ControlNet training): each image also needs its control image, named by the metadata line's
+    "conditioning_image" field or found at conditioning/<the image's path> (any image extension)."""
+
+    def __init__(self, root, *, conditioning=False):
         self.root = Path(root)
         meta = self.root / "metadata.jsonl"
-        items = []
+        items, named = [], {}
         if meta.is_file():
             for n, line in enumerate(meta.read_text().splitlines(), 1):
                 if not line.strip():
@@ -56,26 +63,55 @@ class ImageFolder:
                     raise TrainError(f"{meta}:{n}: each line needs a JSON object with file_name and text") from None
                 if text is None:
                     raise TrainError(f"{meta}:{n}: no text (caption) for {name}")
-                path = (self.root / name).resolve()
-                if self.root.resolve() not in path.parents or not path.is_file():
-                    raise TrainError(f"{meta}:{n}: image {name} not found inside {self.root}")
+                path = self._inside(name, f"{meta}:{n}: image")
+                if conditioning and rec.get(CONDITIONING_KEY):
+                    named[path] = self._inside(rec[CONDITIONING_KEY], f"{meta}:{n}: conditioning image")
                 items.append((path, str(text)))
         else:
+            cond_dir = self.root / CONDITIONING_DIR
             for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
                 txt = path.with_suffix(".txt")
-                if txt.is_file():
+                if txt.is_file() and cond_dir not in path.parents:
                     items.append((path, txt.read_text().strip()))
         if not items:
             raise TrainError(f"{root} has no training images: add metadata.jsonl lines {{\"file_name\": ..., "
                              "\"text\": ...}} or a .txt caption next to each image")
         self.items = items
+        self.conditions = [named.get(p) or self._conditioning(p) for p, _ in items] if conditioning else None
+        if conditioning:
+            missing = [p for (p, _), c in zip(items, self.conditions) if c is None]
+            if missing:
+                first = missing[0].relative_to(self.root.resolve())
+                raise TrainError(f"{root}: {len(missing)} of {len(items)} images have no conditioning image (e.g. "
+                                 f"{first}): put it at {CONDITIONING_DIR}/{first} or name it in metadata.jsonl's "
+                                 f"\"{CONDITIONING_KEY}\" field")
+
+    def _inside(self, name, what):
+        path = (self.root / name).resolve()
+        if self.root.resolve() not in path.parents or not path.is_file():
+            raise TrainError(f"{what} {name} not found inside {self.root}")
+        return path
+
+    def _conditioning(self, image):
+        """conditioning/<image's path>, with any image extension."""
+        rel = image.resolve().relative_to(self.root.resolve())
+        base = self.root.resolve() / CONDITIONING_DIR / rel
+        for ext in (rel.suffix,) + IMAGE_EXTS:
+            for cand in (base.with_suffix(ext), base.with_suffix(ext.upper())):
+                if cand.is_file():
+                    return cand
+        return None
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         path, text = self.items[i]
-        return read_image(path.read_bytes(), path), text
+        image = read_image(path.read_bytes(), path)
+        if self.conditions is None:
+            return image, text
+        cond = self.conditions[i]
+        return image, text, read_image(cond.read_bytes(), cond)
 
 
 class TarShards:
@@ -157,8 +193,9 @@ def expand_braces(pattern):
     return [p for o in options for p in expand_braces(head + o + tail)]
 
 
-def open_source(spec):
-    """The data source a --data value names: a folder (images or .tar shards), tar patterns, or NAME:ARG."""
+def open_source(spec, *, conditioning=False):
+    """The data source a --data value names: a folder (images or .tar shards), tar patterns, or NAME:ARG.
+    conditioning: the run trains a ControlNet, so image folders must hold a control image per image."""
     if not isinstance(spec, str):
         return spec
     name, sep, arg = spec.partition(":")
@@ -175,17 +212,24 @@ def open_source(spec):
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if shards and not (path / "metadata.jsonl").exists():
-            return TarShards(shards)
-        return ImageFolder(path)
+            return _shards(shards, conditioning)
+        return ImageFolder(path, conditioning=conditioning)
     if spec.endswith(".tar") or "{" in spec or "*" in spec:
         import glob
 
         paths = [p for pat in expand_braces(os.path.expanduser(spec)) for p in sorted(glob.glob(pat))]
         if not paths:
             raise TrainError(f"no tar shards match {spec}")
-        return TarShards(paths)
+        return _shards(paths, conditioning)
     known = ", ".join(f"{n}:ARG" for n in SOURCES)
     raise TrainError(f"--data {spec}: not a folder, tar shards or a programmatic source ({known})")
+
+
+def _shards(paths, conditioning):
+    if conditioning:
+        raise TrainError("ControlNet training reads image folders (a control image per image: conditioning/<path>, "
+                         "or metadata.jsonl's \"conditioning_image\") and programmatic sources, not tar shards")
+    return TarShards(paths)
 
 
 # ---- preprocessing ------------------------------------------------------------------------------------------
@@ -195,31 +239,45 @@ class Prepared:
     caption: str
     original_size: tuple  # (height, width) before resizing: SDXL's size conditioning
     crop_top_left: tuple  # (top, left) of the crop in the resized image: SDXL's crop conditioning
+    conditioning: "object" = None  # ControlNet: float32 (3, H, W) in [0, 1], resized and cropped like the image
 
 
-def prepare(image, caption, size, *, crop="center", flip=False, caption_dropout=0.0, rng=None):
-    """Resize the shorter side to `size`, crop a size x size square, maybe flip; record SDXL's conditioning."""
+def prepare(image, caption, size, *, crop="center", flip=False, caption_dropout=0.0, rng=None, conditioning=None):
+    """Resize the shorter side to `size`, crop a size x size square, maybe flip; record SDXL's conditioning. A
+    ControlNet's conditioning image goes through the same geometry, so that it stays aligned with the image."""
     import torch
     from PIL import Image
 
     rng = rng or random.Random(0)
     w, h = image.size
+    if conditioning is not None and conditioning.size != image.size:
+        conditioning = conditioning.resize(image.size, resample=Image.Resampling.BILINEAR)
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), resample=Image.Resampling.LANCZOS)
     if crop == "center":
         top, left = (nh - size) // 2, (nw - size) // 2
     else:
         top, left = rng.randint(0, nh - size), rng.randint(0, nw - size)
-    image = image.crop((left, top, left + size, top + size))
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped = flip and rng.random() < 0.5
+    box = (left, top, left + size, top + size)
+
+    def geometry(im, resample):
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), resample=resample)
+        im = im.crop(box)
+        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else im
+
+    image = geometry(image, Image.Resampling.LANCZOS)
+    if flipped:
         left = nw - size - left  # the crop as seen in the flipped image
     if caption_dropout and rng.random() < caption_dropout:
         caption = ""
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return Prepared(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), caption, (h, w), (top, left))
+    cond = None
+    if conditioning is not None:  # diffusers' ControlNet scripts and pipelines feed control images in [0, 1]
+        c = np.asarray(geometry(conditioning.convert("RGB"), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        cond = torch.from_numpy(c).permute(2, 0, 1).contiguous()
+    return Prepared(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), caption, (h, w), (top, left), cond)
 
 
 # ---- order and batches --------------------------------------------------------------------------------------
@@ -254,6 +312,7 @@ class Batch:
     pixels: "object"  # (B, 3, H, W) float32
     captions: list
     time_ids: "object"  # (B, 6) float32: original h, w, crop top, left, target h, w (SDXL)
+    conditioning: "object" = None  # (B, 3, H, W) float32 in [0, 1]: a ControlNet's control images
 
 
 class Loader:
@@ -261,8 +320,9 @@ class Loader:
     on worker threads (image decoding releases the GIL)."""
 
     def __init__(self, source, *, seed, resolution, per_process, processes=1, rank=0, crop="center", flip=False,
-                 caption_dropout=0.0, workers=2):
+                 caption_dropout=0.0, workers=2, conditioning=False):
         self.source, self.order = source, Order(source, seed)
+        self.conditioning = conditioning  # the examples must carry a control image (ControlNet training)
         self.seed, self.size = seed, resolution
         self.per_process, self.processes, self.rank = per_process, processes, rank
         self.kw = dict(crop=crop, flip=flip, caption_dropout=caption_dropout)
@@ -275,12 +335,18 @@ class Loader:
 
     def example(self, g):
         try:
-            image, caption = self.source[self.order(g)]
+            item = self.source[self.order(g)]
         except (IndexError, KeyError, ValueError, OSError) as e:
             raise TrainError(f"data source failed on example {g}: {type(e).__name__}: {e}") from None
+        image, caption, cond = (*item, None)[:3]
+        if self.conditioning and cond is None:
+            raise TrainError("this data source gives no conditioning images, which a ControlNet trains on: give an "
+                             f"image folder with {CONDITIONING_DIR}/ (or \"{CONDITIONING_KEY}\" in metadata.jsonl), "
+                             "or a source of (image, caption, conditioning) triples such as shapes:SEED,controlnet")
         # per-example randomness (crop, flip, caption dropout) from (seed, g): the same on any process or resume
         rng = random.Random(f"{self.seed}:{g}")
-        return prepare(image, caption, self.size, rng=rng, **self.kw)
+        return prepare(image, caption, self.size, rng=rng, conditioning=cond if self.conditioning else None,
+                       **self.kw)
 
     def _submit(self, position):
         first = position + self.rank * self.per_process
@@ -301,8 +367,21 @@ class Loader:
             self._ahead = (position + self.global_batch, self._submit(position + self.global_batch))
             items = [f.result() for f in items]
         ids = [[*p.original_size, *p.crop_top_left, self.size, self.size] for p in items]
+        cond = torch.stack([p.conditioning for p in items]) if self.conditioning else None
         return Batch(torch.stack([p.pixels for p in items]), [p.caption for p in items],
-                     torch.tensor(ids, dtype=torch.float32))
+                     torch.tensor(ids, dtype=torch.float32), cond)
+
+    def conditionings(self, n):
+        """The first n control images in the source's own order (the ControlNet's default validation images)."""
+        out = []
+        for i in range(n):
+            try:
+                item = self.source[i]
+            except (IndexError, KeyError):
+                break
+            if len(item) > 2:
+                out.append(item[2])
+        return out
 
     def captions(self, n):
         """The first n captions in the source's own order (default validation prompts)."""

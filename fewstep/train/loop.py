@@ -26,10 +26,11 @@ KILL_AT_STEP = "FEWSTEP_TRAIN_KILL_AT_STEP"
 
 
 def make_method(cfg, models, device, weight_dtype, autocast):
+    from .controlnet import ControlNetTrain
     from .distill import LcmFull, LcmLora
     from .finetune import LoraFinetune
 
-    cls = {"lcm-lora": LcmLora, "lcm": LcmFull, "lora": LoraFinetune}[cfg.method]
+    cls = {"lcm-lora": LcmLora, "lcm": LcmFull, "lora": LoraFinetune, "controlnet": ControlNetTrain}[cfg.method]
     return cls(cfg, models, device, weight_dtype, autocast)
 
 
@@ -99,7 +100,8 @@ def run(cfg, *, source=None):
         if changed:
             raise TrainError(f"--resume {found}: that run used other {', '.join(changed)}; resume with the same "
                              "settings (or start a new --out)")
-    data = open_source(source if source is not None else cfg.data)
+    controlnet = cfg.method == "controlnet"
+    data = open_source(source if source is not None else cfg.data, conditioning=controlnet)
     place_frozen(models, device, weight_dtype, custom_vae=cfg.vae is not None)
     method = make_method(cfg, models, device, weight_dtype, acc.autocast)
     if cfg.gradient_checkpointing:
@@ -123,8 +125,12 @@ def run(cfg, *, source=None):
 
     loader = Loader(data, seed=cfg.seed, resolution=cfg.resolution, per_process=cfg.batch_size,
                     processes=acc.num_processes, rank=acc.process_index, crop=cfg.crop, flip=cfg.flip,
-                    caption_dropout=cfg.caption_dropout if cfg.method == "lora" else 0.0, workers=cfg.num_workers)
+                    caption_dropout=cfg.caption_dropout if cfg.method in ("lora", "controlnet") else 0.0,
+                    workers=cfg.num_workers, conditioning=controlnet)
     prompts = list(cfg.validation_prompts) or loader.captions(2) or [""]
+    if controlnet:  # a control image per prompt: the data's first ones, in turn
+        controls = loader.conditionings(2)
+        prompts = [(p, controls[i % len(controls)]) for i, p in enumerate(prompts)] if controls else []
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(meta, indent=1))
@@ -176,7 +182,7 @@ def run(cfg, *, source=None):
                     bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 if main:
-                    # LoRA checkpoints also hold the LoRA as a loadable file (pytorch_lora_weights.safetensors)
+                    # LoRA (and ControlNet) checkpoints also hold the result as a loadable file or folder
                     also = None if cfg.method == "lcm" else (lambda d: method.export(d, file_meta(cfg, models, step)))
                     checkpoint.save(out, step=step, position=position, params=params, optimizer=opt, generator=gen,
                                     scaler=acc.scaler, extra=method.extra_state(), record=cfg.record(),
@@ -215,11 +221,14 @@ def _release_accelerate():
 
 
 def file_meta(cfg, models, step):
-    """Metadata stored in a LoRA file's safetensors header (what made it)."""
+    """Metadata stored in the result's safetensors header (what made it)."""
     from .. import __version__
 
-    return dict(fewstep_version=__version__, method=cfg.method, base_model=cfg.model, arch=models.arch, steps=step,
-                rank=cfg.rank, alpha=cfg.lora_alpha, resolution=cfg.resolution, targets=cfg.targets)
+    meta = dict(fewstep_version=__version__, method=cfg.method, base_model=cfg.model, arch=models.arch, steps=step,
+                resolution=cfg.resolution)
+    if cfg.method in ("lcm-lora", "lora"):
+        meta.update(rank=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.targets)
+    return meta
 
 
 def _validate(method, cfg, acc, step, prompts, out):
@@ -233,7 +242,7 @@ def _validate(method, cfg, acc, step, prompts, out):
 def _result_path(cfg, out):
     from .models import LORA_FILE
 
-    return out if cfg.method == "lcm" else out / LORA_FILE
+    return out if cfg.method in ("lcm", "controlnet") else out / LORA_FILE
 
 
 def _trim_log(path, step):

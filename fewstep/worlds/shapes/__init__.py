@@ -9,9 +9,10 @@ Light: numpy (and PIL for images) only; the teacher's training lives in train_te
 
 from .detect import detect, nearest_color
 from .world import (COLORS, DEFAULT_SIZE, HALF_SIZE, OUTLINE_SUFFIX, PALETTE, POSITIONS, SHAPES, STROKE, Attributes,
-                    all_attributes, caption, coverage, parse_caption, render, render_array, sample_attributes,
-                    sample_captions, template)
+                    all_attributes, caption, colors_caption, coverage, edge_map, parse_caption, render, render_array,
+                    sample_attributes, sample_captions, template)
 
 __all__ = ["COLORS", "DEFAULT_SIZE", "HALF_SIZE", "OUTLINE_SUFFIX", "PALETTE", "POSITIONS", "SHAPES", "STROKE",
-           "Attributes", "all_attributes", "caption", "coverage", "detect", "nearest_color", "parse_caption", "render",
-           "render_array", "sample_attributes", "sample_captions", "template"]
+           "Attributes", "all_attributes", "caption", "colors_caption", "coverage", "detect", "edge_map",
+           "nearest_color", "parse_caption", "render", "render_array", "sample_attributes",
+           "sample_captions", "template"]

@@ -4,6 +4,10 @@ For n fixed captions and seeds (evaluate.eval_set), every row generates one imag
 noise and reports attribute accuracy, the all-four-correct rate, the outline rate and the mean pixel distance to the
 teacher's own 50-step Euler image of that caption and seed (for outline rows: the teacher with the outline LoRA at
 the same weight, 50 Euler steps). One engine serves every row: the LoRAs are fused once and re-weighted per row.
+
+The ControlNet rows (issue 12): the same n images of the world, but the prompt names only the colours ("a red shape
+on a blue background") and the control image is the edge map of the target shape at its position; a case is right
+when the detectors find that shape at that position.
 """
 
 import json
@@ -16,7 +20,16 @@ import numpy as np
 from ...default_model import TEACHER_DEFAULTS
 from .detect import detect
 from .evaluate import ATTRIBUTES, EVAL_SEED, eval_set, generate, score
-from .world import render
+from .world import colors_caption, edge_map, render
+
+SHIPPED_CONTROLNET = Path(__file__).resolve().parents[2] / "data" / "shapes" / "controlnet"
+CONTROLNET = "edges"  # the name the ControlNet rows load the shapes ControlNet under
+CONTROL_TARGET = 0.9  # issue 12: the LCM-LoRA at 4 steps draws shape S at position P in >= 90% of the cases
+
+
+def shipped_controlnet():
+    """The shapes teacher's edge-map ControlNet (trained with `fewstep train controlnet`) when it ships, else None."""
+    return SHIPPED_CONTROLNET if (SHIPPED_CONTROLNET / "config.json").is_file() else None
 
 REFERENCE_STEPS = 50
 
@@ -138,43 +151,101 @@ def targets(results):
     return out
 
 
-def markdown(report):
-    """The table, the targets and how it was made, as markdown."""
-    lines = [f"Shapes world, {report['n']} captions (seed {report['seed']}), image seeds 0..{report['n'] - 1}; "
-             f"{report['device']} {report['dtype']}; model {report['model']}.", "",
-             "| configuration | steps | guidance | color | shape | position | background | all four | outline "
-             "| pixel dist. | s/image |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in report["rows"]:
-        lines.append(f"| {r['label']} | {r['steps']} | {r['guidance']:g} | "
-                     + " | ".join(f"{r[k]:.3f}" for k in ATTRIBUTES + ("all", "outline_rate"))
-                     + f" | {r['pixel_distance']:.1f} | {r['seconds_per_image']:.4f} |")
-    lines += ["", "Pixel distance: mean |difference| per pixel and channel (0-255) to the teacher's own "
-              f"{REFERENCE_STEPS}-step Euler image from the same noise (outline rows: the teacher with the outline "
-              "LoRA at the same weight). Outline: share of images the detector calls outlined.", ""]
-    if report["targets"]:
-        lines += ["| target | value | goal | met |", "| --- | ---: | --- | --- |"]
-        lines += [f"| {t['target']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
-                  for t in report["targets"]]
-        lines.append("")
-    lines.append(f"Command: `{report['command']}`")
-    return "\n".join(lines) + "\n"
+# ---- ControlNet rows (issue 12) ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ControlRow:
+    """A configuration of the ControlNet table: the teacher (lcm 0) or its LCM-LoRA, with the ControlNet at scale 1."""
+
+    label: str
+    sampler: str
+    steps: int
+    guidance: float
+    lcm: float = 0.0
 
 
-def grid_image(rows, images, n, *, seed=EVAL_SEED, columns=8, scale=2):
-    """Rows of the table (top to bottom) over the first `columns` captions, with the world's own render first."""
+def control_rows(teacher_guidance=TEACHER_GUIDANCE, lcm_guidance=LCM_GUIDANCE):
+    """The rows issue 12 asks for: the LCM-LoRA at 4 steps (the target) and the teacher at 25 Euler steps."""
+    return [ControlRow("ControlNet + teacher Euler 25", "euler", 25, teacher_guidance),
+            ControlRow("ControlNet + LCM-LoRA 4", "lcm", 4, lcm_guidance, lcm=1.0)]
+
+
+def control_set(n=200, seed=EVAL_SEED):
+    """(attributes, colours-only prompts, seeds) of the ControlNet cases: the evaluation set's images of the world,
+    whose shape and position only the control image tells."""
+    attrs, _, seeds = eval_set(n, seed)
+    return attrs, [colors_caption(a) for a in attrs], seeds
+
+
+def run_control_table(engine, rows, *, n=200, seed=EVAL_SEED, batch=100, controlnet=CONTROLNET, progress=None):
+    """Generate, detect and score the ControlNet rows. Returns (results, images).
+
+    engine has the LoRA "lcm" and the ControlNet `controlnet` loaded. A request holds one control image, so the
+    cases go in groups of the same edge map (15: shape x position), each group in batches, every case with its
+    own seed; the images come back in case order."""
+    from ...request import ControlUnit
+
+    attrs, prompts, seeds = control_set(n, seed)
+    groups = {}
+    for i, a in enumerate(attrs):
+        groups.setdefault((a.shape, a.position), []).append(i)
+    size = engine.native_size
+    images, results = {}, []
+    for row in rows:
+        engine.set_lora_weights({"lcm": row.lcm})
+        out = [None] * n
+        t0 = time.perf_counter()
+        for (shape, position), ids in groups.items():
+            unit = ControlUnit(model=controlnet, image=edge_map((shape, position), size))
+            for k in range(0, len(ids), batch):
+                part = ids[k:k + batch]
+                made = generate(engine, [prompts[i] for i in part], [seeds[i] for i in part], batch=batch,
+                                sampler=row.sampler, steps=row.steps, guidance=row.guidance, control=(unit,))
+                for i, im in zip(part, made):
+                    out[i] = im
+                if progress:
+                    progress(len(part))
+        seconds = time.perf_counter() - t0
+        images[row.label] = out
+        detected = [detect(im) for im in out]
+        metrics = score(attrs, detected)
+        metrics["shape_position"] = float(np.mean([(d.shape, d.position) == (a.shape, a.position)
+                                                   for a, d in zip(attrs, detected)]))
+        metrics["seconds_per_image"] = seconds / n
+        results.append({**asdict(row), **metrics})
+    engine.set_lora_weights({"lcm": 0.0})
+    return results, images
+
+
+def control_targets(results):
+    """Issue 12's target against the ControlNet rows."""
+    out = []
+    for r in results:
+        if r["lcm"] and r["sampler"] == "lcm" and r["steps"] == 4:
+            v = r["shape_position"]
+            out.append({"target": f"{r['label']}: shape and position of the edge map", "value": round(v, 3),
+                        "goal": f">= {CONTROL_TARGET}", "met": bool(v >= CONTROL_TARGET)})
+    return out
+
+
+def control_grid(rows, images, n, *, seed=EVAL_SEED, columns=8, scale=2):
+    """The first `columns` cases: the world's render, the edge map given as control, then each row's images."""
+    attrs = control_set(n, seed)[0][:min(columns, n)]
+    size = next(iter(images.values()))[0].size[0]
+    lines = [("world (target)", [render(a, size) for a in attrs]),
+             ("control: edge map", [edge_map(a, size) for a in attrs])]
+    lines += [(r.label, images[r.label][:len(attrs)]) for r in rows]
+    return _grid(lines, [f"{a.color[:3]} on {a.background[:3]}" for a in attrs], size * scale)
+
+
+def _grid(lines, heads, side, label_w=230, head=14):
+    """Labelled rows of images, each enlarged to side x side (nearest), with a caption over each column."""
     from PIL import Image, ImageDraw
 
-    columns = min(columns, n)
-    attrs = eval_set(n, seed)[0][:columns]  # the set depends on n: take the captions the rows were made from
-    side = next(iter(images.values()))[0].size[0] * scale
-    label_w, head = 230, 14
-    canvas = Image.new("RGB", (label_w + columns * side, head + (len(rows) + 1) * side), "white")
+    columns = len(heads)
+    canvas = Image.new("RGB", (label_w + columns * side, head + len(lines) * side), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, a in enumerate(attrs):
-        draw.text((label_w + j * side + 2, 1), f"{a.color[:3]} {a.shape[:3]} {a.background[:3]}", fill="black")
-    lines = [("world (target)", [render(a, side // scale) for a in attrs])]
-    lines += [(r.label, images[_key(r)][:columns]) for r in rows]
+    for j, text in enumerate(heads):
+        draw.text((label_w + j * side + 2, 1), text, fill="black")
     for i, (label, imgs) in enumerate(lines):
         y = head + i * side
         draw.text((4, y + side // 2 - 6), label, fill="black")
@@ -183,15 +254,78 @@ def grid_image(rows, images, n, *, seed=EVAL_SEED, columns=8, scale=2):
     return canvas
 
 
-def write(report, grid, out):
-    """results.json, results.md and grid.png into the folder out (written whole, then renamed into place)."""
+def markdown(report):
+    """The table, the targets and how it was made, as markdown."""
+    lines = [f"Shapes world, {report['n']} captions (seed {report['seed']}), image seeds 0..{report['n'] - 1}; "
+             f"{report['device']} {report['dtype']}; model {report['model']}.", ""]
+    if report["rows"]:
+        lines += ["| configuration | steps | guidance | color | shape | position | background | all four | outline "
+                  "| pixel dist. | s/image |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in report["rows"]:
+            lines.append(f"| {r['label']} | {r['steps']} | {r['guidance']:g} | "
+                         + " | ".join(f"{r[k]:.3f}" for k in ATTRIBUTES + ("all", "outline_rate"))
+                         + f" | {r['pixel_distance']:.1f} | {r['seconds_per_image']:.4f} |")
+        lines += ["", "Pixel distance: mean |difference| per pixel and channel (0-255) to the teacher's own "
+                  f"{REFERENCE_STEPS}-step Euler image from the same noise (outline rows: the teacher with the "
+                  "outline LoRA at the same weight). Outline: share of images the detector calls outlined.", ""]
+    if report["targets"]:
+        lines += ["| target | value | goal | met |", "| --- | ---: | --- | --- |"]
+        lines += [f"| {t['target']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
+                  for t in report["targets"]]
+        lines.append("")
+    if report.get("control_rows"):
+        lines += control_markdown(report)
+    lines.append(f"Command: `{report['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def control_markdown(report):
+    """The ControlNet rows and their target, as markdown lines."""
+    lines = [f"ControlNet ({report.get('controlnet')}): the same {report['n']} images, the prompt naming only the "
+             "colours (\"a red shape on a blue background\"), the control image the edge map of the target shape "
+             "at its position (scale 1).", "",
+             "| configuration | steps | guidance | shape + position | shape | position | color | background | all four "
+             "| s/image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["control_rows"]:
+        lines.append(f"| {r['label']} | {r['steps']} | {r['guidance']:g} | "
+                     + " | ".join(f"{r[k]:.3f}" for k in ("shape_position", "shape", "position", "color",
+                                                           "background", "all"))
+                     + f" | {r['seconds_per_image']:.4f} |")
+    lines.append("")
+    if report.get("control_targets"):
+        lines += ["| target | value | goal | met |", "| --- | ---: | --- | --- |"]
+        lines += [f"| {t['target']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
+                  for t in report["control_targets"]]
+        lines.append("")
+    return lines
+
+
+def grid_image(rows, images, n, *, seed=EVAL_SEED, columns=8, scale=2):
+    """Rows of the table (top to bottom) over the first `columns` captions, with the world's own render first."""
+    columns = min(columns, n)
+    attrs = eval_set(n, seed)[0][:columns]  # the set depends on n: take the captions the rows were made from
+    size = next(iter(images.values()))[0].size[0]
+    lines = [("world (target)", [render(a, size) for a in attrs])]
+    lines += [(r.label, images[_key(r)][:columns]) for r in rows]
+    return _grid(lines, [f"{a.color[:3]} {a.shape[:3]} {a.background[:3]}" for a in attrs], size * scale)
+
+
+def write(report, grid, out, control_grid=None):
+    """results.json, results.md, grid.png (and control.png) into the folder out (each written whole, then renamed
+    into place)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in (("results.json", json.dumps(report, indent=2) + "\n"), ("results.md", markdown(report))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(data)
         tmp.replace(out / name)
-    tmp = out / ".grid.png.tmp"
-    grid.save(tmp, format="PNG")
-    tmp.replace(out / "grid.png")
-    return [out / "results.json", out / "results.md", out / "grid.png"]
+    paths = [out / "results.json", out / "results.md"]
+    for name, image in (("grid.png", grid), ("control.png", control_grid)):
+        if image is not None:
+            tmp = out / f".{name}.tmp"
+            image.save(tmp, format="PNG")
+            tmp.replace(out / name)
+            paths.append(out / name)
+    return paths

@@ -69,6 +69,12 @@ def caption(attrs):
     return text + OUTLINE_SUFFIX if a.outline else text
 
 
+def colors_caption(attrs):
+    """`a {color} shape on a {background} background`: the prompt of the ControlNet rows, which leaves the shape and
+    its position to the control image."""
+    return f"a {attrs.color} shape on a {attrs.background} background"
+
+
 def parse_caption(text):
     """Attributes of a caption of the world; ValueError for anything else."""
     m = _CAPTION.match(text.strip())
@@ -142,6 +148,41 @@ def template(shape, position, size, outline=False):
     t = coverage(shape, POSITIONS[position], size, outline)
     t.setflags(write=False)
     return t
+
+
+EDGE_WIDTH = 1.0  # of an edge map's line, in pixels of the canvas (Canny's edges are one pixel wide)
+
+
+@lru_cache(maxsize=64)
+def edge_template(shape, position, size, width=EDGE_WIDTH):
+    """The (cached, read-only) edge map of a shape at a named position: 1 on the line along its boundary.
+
+    What Canny finds on a render, drawn exactly and binary like Canny's output: the pixels whose centre lies inside
+    the shape within `width` pixels of its boundary. A band one pixel wide across the boundary holds at least one
+    pixel centre per row (steep edges) or column (shallow ones), so the line is 8-connected, as Canny's edges are;
+    inside rather than centred, so that it lies on the outline style's ring (what the detectors look for)."""
+    coords = (np.arange(size, dtype=np.float64) + 0.5) / size
+    d = signed_distance(shape, POSITIONS[position], coords[None, :], coords[:, None]) * size
+    edge = ((d <= 0) & (d > -width)).astype(np.float32)
+    edge.setflags(write=False)
+    return edge
+
+
+def edge_map(what, size=DEFAULT_SIZE):
+    """The conditioning image of the shapes ControlNet: the shape's outline, white on black, RGB (PIL image).
+
+    `what`: Attributes, a caption, a dict, or a (shape, position) pair; the colours play no part."""
+    from PIL import Image
+
+    if isinstance(what, tuple):
+        shape, position = what
+    else:
+        a = what if isinstance(what, Attributes) else to_attributes(what)
+        shape, position = a.shape, a.position
+    if shape not in SHAPES or position not in POSITIONS:
+        raise ValueError(f"edge_map: unknown shape {shape!r} or position {position!r}")
+    e = (edge_template(shape, position, size) * 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(e[..., None], 3, axis=2))
 
 
 def render_array(attrs, size=DEFAULT_SIZE):
