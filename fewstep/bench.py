@@ -382,7 +382,8 @@ def _controlnets(args, engine, pipes, size):
     for system, pipe in pipes.items():
         own = engine.controlnets[name] if pipe.unet is engine.c.unet else copy.deepcopy(net).to(pipe.unet.device,
                                                                                               pipe.unet.dtype)
-        cn_pipes[system] = cls.from_pipe(pipe, controlnet=own)
+        # from_pipe casts every component to float32 unless told: some are fewstep's own modules, shared
+        cn_pipes[system] = cls.from_pipe(pipe, controlnet=own, torch_dtype=pipe.unet.dtype)
         cn_pipes[system].set_progress_bar_config(disable=True)
     return (ControlUnit(name, image),), cn_pipes
 
