@@ -12,7 +12,7 @@ import torch
 
 from . import arch, sources
 from .errors import LoadError, RequestError
-from .loading import own_tensors
+from .loading import check_fit, own_tensors
 from .request import classifier_free
 from .speed import OnDevice
 
@@ -233,15 +233,7 @@ def _from_file(path, base, title, allow_pickle, vae_factor):
     _check_fits(config, base.config, path.name, title, vae_factor)
     with torch.device("meta"):
         net = ControlNetModel.from_config(config)
-    expected = net.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    misfit = [k for k in expected.keys() & state.keys() if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or misfit:
-        what = (f"{len(missing)} of its tensors are missing (e.g. {missing[:2]})" if missing else
-                f"{len(unexpected)} tensors are not in it (e.g. {unexpected[:2]})" if unexpected else
-                f"{misfit[0]} has shape {tuple(state[misfit[0]].shape)}, not {tuple(expected[misfit[0]].shape)}")
-        raise LoadError(f"ControlNet {path.name} does not fit this {title} model: {what}; is it for another "
-                        "architecture?")
+    check_fit(net.state_dict(), state, f"ControlNet {path.name} does not fit this {title} model")
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
         raise LoadError(f"ControlNet {path.name}: some of its tensors were not in the file")

@@ -292,17 +292,21 @@ def read_unet(source, base, *, allow_pickle=False, dtype=torch.float32):
                             f"do not convert ({type(e).__name__}: {e})") from None
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(base.config)
-    expected = unet.state_dict()
+    check_fit(unet.state_dict(), state, f"UNet {path.name} does not fit this {title} model's UNet")
+    unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return unet.eval()
+
+
+def check_fit(expected, state, refusal):
+    """A LoadError beginning with `refusal` unless the tensors of `state` are exactly those of `expected` (names
+    and shapes): the strict check before a file's tensors are assigned to a model built from a config."""
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     misfit = [k for k in expected.keys() & state.keys() if tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or misfit:
         what = (f"{len(missing)} of its tensors are missing (e.g. {missing[:2]})" if missing else
                 f"{len(unexpected)} tensors are not in it (e.g. {unexpected[:2]})" if unexpected else
                 f"{misfit[0]} has shape {tuple(state[misfit[0]].shape)}, not {tuple(expected[misfit[0]].shape)}")
-        raise LoadError(f"UNet {path.name} does not fit this {title} model's UNet: {what}; is it for another "
-                        "architecture?")
-    unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    return unet.eval()
+        raise LoadError(f"{refusal}: {what}; is it for another architecture?")
 
 
 def _check_unet_fits(theirs, ours, source, title):

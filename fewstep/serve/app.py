@@ -257,6 +257,10 @@ def create_app(engine, config=None):
     async def openai_generations(body: dialects.OpenAIImages, request: Request):
         spec = dialects.openai_spec(server, body)
         result = await server.generate(request, spec, "openai")
+        return await openai_reply(request, body, spec, result)
+
+    async def openai_reply(request, body, spec, result):
+        """The OpenAI images answer: PNGs with metadata, inline (b64_json) or kept for their URLs."""
         pngs = await run_in_threadpool(dialects.encode_all, result)
         urls = None
         if body.response_format == "url":
@@ -275,11 +279,7 @@ def create_app(engine, config=None):
         body, image, mask = await edit_form(request)
         spec = await run_in_threadpool(dialects.openai_edit_spec, server, body, image, mask)
         result = await server.generate(request, spec, "openai")
-        pngs = await run_in_threadpool(dialects.encode_all, result)
-        urls = None
-        if body.response_format == "url":
-            urls = [str(request.url_for("image_file", token=server.keep(png))) for png in pngs]
-        return dialects.openai_response(spec, result, pngs, urls)
+        return await openai_reply(request, body, spec, result)
 
     async def edit_form(request):
         """The multipart form of /v1/images/edits: (OpenAIEdits, image RGBA, mask or None), each checked."""

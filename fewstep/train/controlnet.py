@@ -12,12 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import consistency as cm
 from .config import TrainError
-from .finetune import prediction_target
-from .method import Method
+from .finetune import Denoising
 from .models import torch_dtype
-from .toolbox import min_snr_weight
 
 CONDITIONING_CHANNELS = (16, 32, 96, 256)  # diffusers' default conditioning embedding: 4 levels, / 8 (SD's VAE)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -58,7 +55,7 @@ def check_base(models):
                          "UNet?): train the ControlNet on the base model; it then runs with its inpainting version")
 
 
-class ControlNetTrain(Method):
+class ControlNetTrain(Denoising):
     """A ControlNet on the frozen base UNet, trained to predict the noise (or v) the base predicts."""
 
     def __init__(self, cfg, models, device, weight_dtype, autocast):
@@ -67,21 +64,9 @@ class ControlNetTrain(Method):
         models.unet.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
         self.student = controlnet_from_unet(models.unet, models.vae_factor).to(device, torch.float32).train()
 
-    def draw(self, gen, n):
-        return dict(
-            vae=self.latent_noise(gen, n),
-            t=torch.randint(0, self.noise.num_train_timesteps, (n,), generator=gen),
-            noise=self.latent_noise(gen, n),
-        )
-
     def loss(self, student, batch, d):
-        dev = self.device
-        x0 = self.latents(batch.pixels, d["vae"])
-        states, added = self.conditioning(batch)
-        t, noise = d["t"].to(dev), d["noise"].to(dev)
-        a = self.alphas[t]
-        x = cm.add_noise(x0, noise, a)
-        cond = batch.conditioning.to(dev)
+        x0, x, t, noise, a, states, added = self.noised(batch, d)
+        cond = batch.conditioning.to(self.device)
         with self.autocast():
             down, mid = student(x, t, encoder_hidden_states=states, controlnet_cond=cond, added_cond_kwargs=added,
                                 return_dict=False)
@@ -92,11 +77,7 @@ class ControlNetTrain(Method):
             out = self.models.unet(x, t, encoder_hidden_states=states, added_cond_kwargs=added,
                                    down_block_additional_residuals=down, mid_block_additional_residual=mid,
                                    return_dict=False)[0].float()
-        target = prediction_target(self.noise.prediction_type, x0, noise, a)
-        err = ((out - target) ** 2).mean(dim=(1, 2, 3))
-        if self.cfg.snr_gamma:
-            err = err * min_snr_weight(a, self.cfg.snr_gamma, self.noise.prediction_type)
-        return err.mean()
+        return self.denoising_loss(out, x0, noise, a)
 
     def validation_unet(self):
         return self.models.unet
