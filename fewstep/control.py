@@ -48,16 +48,13 @@ def preprocess(kind, image):
 # ---- control images --------------------------------------------------------------------------------------------
 def read_image(image, what="control image"):
     """A PIL image as given, or a file read as diffusers.utils.load_image reads it (EXIF orientation, RGB)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
+
+    from .images import open_image
 
     if isinstance(image, Image.Image):
         return image
-    try:
-        with Image.open(sources.local_path(image)) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RequestError(f"cannot read {what} {image}: {reason}", field="control") from None
+    return open_image(image, what, field="control", then=lambda im: ImageOps.exif_transpose(im).convert("RGB"))
 
 
 def control_image(image, width, height):

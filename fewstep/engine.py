@@ -261,7 +261,8 @@ class Engine:
             warnings.append(f"guidance {req.guidance} with the {req.sampler} sampler usually burns images "
                             f"(LCM-LoRAs want 1-{LCM_BURN_GUIDANCE:g})")
         elif r.name != "standard" and not self.full_lcm and not lo <= req.guidance <= hi:
-            warnings.append(f"guidance {req.guidance:g} is outside what the {r.name} recipe is made for ({lo:g}-{hi:g})")
+            warnings.append(f"guidance {req.guidance:g} is outside what the {r.name} recipe is made for "
+                            f"({lo:g}-{hi:g})")
         mine = self.default_recipe()
         if req.sampler in ("lcm", "tcd") and mine == "standard" and r.name in ("lcm", "tcd", "standard"):
             warnings.append(f"the {req.sampler} sampler on a model with no LCM-LoRA attached gives poor images "
@@ -550,15 +551,13 @@ def _lanczos():
 
 def load_image(image):
     """A PIL RGB image from a PIL image or a path; a clear error when unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .images import open_image
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise RequestError(f"cannot read init image {image}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return open_image(image, "init image", then=lambda im: im.convert("RGB"))
 
 
 def load(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=False, unet=None, recipe=None,

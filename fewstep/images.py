@@ -3,7 +3,23 @@
 import re
 from pathlib import Path
 
+from .errors import RequestError
 from .recipes import SAMPLERS
+
+
+def open_image(src, label, *, field=None, then=lambda im: im.copy()):
+    """then(PIL image) of the image file at src, with the file still open (decoding errors surface here); a
+    RequestError "cannot read {label} {src}: why" naming `field` when the file is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .sources import local_path
+
+    try:
+        with Image.open(local_path(src)) as im:
+            return then(im)
+    except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RequestError(f"cannot read {label} {src}: {reason}", field=field) from None
 
 
 def parameters_text(params, seed):

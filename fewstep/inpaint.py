@@ -46,16 +46,12 @@ def read_mask(mask):
 
     A mask with transparency (a mask drawn on a transparent canvas) is its alpha channel, as A1111 reads it;
     any other is its luminance."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .images import open_image
 
     if isinstance(mask, (str, Path)):
-        try:
-            with Image.open(mask) as im:
-                im.load()
-                mask = im.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RequestError(f"cannot read the mask {mask}: {detail}", field="mask") from None
+        mask = open_image(mask, "the mask", field="mask")
     if not isinstance(mask, Image.Image):
         raise RequestError(f"mask: give a PIL image or an image file, not a {type(mask).__name__}", field="mask")
     if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
