@@ -271,3 +271,36 @@ def test_concurrent_requests_with_different_adapters_get_the_images_they_get_alo
     assert batches < len(CASES)  # some requests shared a UNet batch
     assert switches >= 3  # and the adapter set changed between batches
     assert set(engine.loras) == before  # the server's adapters are gone with it
+
+
+def test_calls_run_on_the_engine_thread_with_their_adapters_and_take_turns_with_batches(lora_dir):
+    engine = FakeEngine(delay=0.01)
+    b = make(engine, lora_dir, max_batch=1, max_wait=0.0)
+    order = []
+
+    def frame(i):
+        def fn(e):
+            fused = {n[len(PREFIX):]: s.weight for n, s in e.loras.items() if s.weight}
+            order.append(("call", i))
+            return threading.current_thread().name, fused
+        return fn
+
+    jobs = [b.submit(spec(f"p{i}", [i]), 10) for i in range(4)]
+    calls = [b.call(frame(i), loras=(("a", 0.5),)) for i in range(4)]
+    engine_run = engine.run
+
+    def run(req, callback=None):
+        order.append(("batch", req.prompt[0]))
+        return engine_run(req, callback=callback)
+
+    engine.run = run
+    b.start()
+    outs = [c.result(10) for c in calls]
+    results(jobs)
+    b.close()
+    assert all(name == "fewstep-engine" and fused == {"a": 0.5} for name, fused in outs)
+    kinds = [k for k, _ in order]
+    # neither kind runs twice in a row while the other waits
+    assert all(kinds[i] != kinds[i + 1] for i in range(len(kinds) - 1)), kinds
+    with pytest.raises(Cancelled):
+        b.call(frame(9))  # closed

@@ -169,6 +169,8 @@ class Batcher:
         self.metrics = metrics
         self.seconds_per_image = None  # running estimate, for Retry-After
         self._pending = deque()  # jobs with images not yet handed to a batch, oldest first
+        self._calls = deque()  # (fn, loras, future): other work on the engine's thread (stream frames)
+        self._turn = False  # alternates calls and batches when both wait, so neither starves the other
         self._cv = threading.Condition()
         self._closed = False
         self._thread = None
@@ -189,6 +191,17 @@ class Batcher:
             self._pending.append(job)
             self._cv.notify()
         return job
+
+    def call(self, fn, loras=()):
+        """Run fn(engine) on the engine's thread with the adapter set `loras` (from Adapters.check) fused; returns
+        a concurrent Future. Calls and HTTP batches take turns when both wait: one cannot starve the other."""
+        future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            self._calls.append((fn, tuple(loras), future))
+            self._cv.notify()
+        return future
 
     def queued_images(self):
         with self._cv:
@@ -212,6 +225,9 @@ class Batcher:
             for job in self._pending:
                 job.fail(Cancelled("the server is shutting down"))
             self._pending.clear()
+            for _, _, future in self._calls:
+                future.cancel()
+            self._calls.clear()
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -223,7 +239,10 @@ class Batcher:
                 batch = self._take()
                 if batch is None:
                     break
-                self._run(batch)
+                if callable(batch):
+                    batch()
+                else:
+                    self._run(batch)
         finally:
             try:
                 self.adapters.unload_all()
@@ -239,12 +258,16 @@ class Batcher:
             self._pending.remove(job)
 
     def _take(self):
-        """The next batch: [(job, first image, count)], all with the oldest job's key; None when closed."""
+        """The next batch: [(job, first image, count)], all with the oldest job's key, or a queued call (a
+        callable); None when closed."""
         with self._cv:
             while True:
                 self._drop_dead()
                 if self._closed:
                     return None
+                if self._calls and (self._turn or not self._pending):
+                    self._turn = False
+                    return self._call(*self._calls.popleft())
                 if not self._pending:
                     self._cv.wait()
                     continue
@@ -255,7 +278,10 @@ class Batcher:
                 left = head.arrived + self.max_wait - time.monotonic()
                 if ready >= self.max_batch or left <= 0:
                     break
+                if self._calls:  # a call runs while the batch waits for company
+                    return self._call(*self._calls.popleft())
                 self._cv.wait(min(left, 0.05))  # wake up to drop jobs of clients that left
+            self._turn = True
             batch, room = [], self.max_batch
             for job in list(self._pending):
                 if room == 0:
@@ -269,6 +295,20 @@ class Batcher:
                 if job.scheduled == job.spec.n:
                     self._pending.remove(job)
             return batch
+
+    def _call(self, fn, loras, future):
+        """The worker's closure for one queued call (run outside the lock)."""
+
+        def run():
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                self.adapters.apply(loras)
+                future.set_result(fn(self.engine))
+            except BaseException as e:  # noqa: BLE001 - the caller gets every failure of its own call
+                future.set_exception(e)
+
+        return run
 
     def _control(self, batch):
         """The batch's ControlUnits: the first job's, with one control image per image when they may differ."""
