@@ -26,7 +26,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from tests.support.images import max_diff  # noqa: E402
 
-pytestmark = pytest.mark.ray
 SHAPES = Path(__file__).resolve().parents[1] / "fewstep" / "data" / "shapes"
 PROMPT = "a red circle in the top left on a blue background"
 KEY = "ray-test-key-123"
@@ -80,12 +79,48 @@ def single(cluster):
         yield c
 
 
+def test_the_routing_key_is_the_requests_adapter_set():
+    from fewstep.serve.ray import NO_ADAPTERS, adapter_key
+
+    body = b'{"prompt": "a cat <lora:ink:0.5> <lora:ink:0.25>", "loras": {"outline": 1, "zero": 0}}'
+    assert adapter_key(body, "application/json") == "ink:0.75,outline:1"
+    assert adapter_key(b'{"prompt": "a cat"}', "application/json") == NO_ADAPTERS
+    assert adapter_key(b"not json", "application/json") == NO_ADAPTERS
+    assert adapter_key(b"--form--", "multipart/form-data") == NO_ADAPTERS
+    assert adapter_key(b"[1, 2]", "application/json") == NO_ADAPTERS
+
+
+def test_application_arguments_are_checked_before_any_replica_starts():
+    from fewstep.serve.config import ConfigError
+    from fewstep.serve.ray import app, parse_autoscale
+
+    assert parse_autoscale("0:4") == (0, 4)
+    for bad in ("4:1", "0:0", "x", "1-4"):
+        with pytest.raises(ConfigError, match="--autoscale"):
+            parse_autoscale(bad)
+    with pytest.raises(ConfigError, match="unknown argument 'lora_folder'"):
+        app({"lora_folder": "/tmp"})
+    with pytest.raises(ConfigError, match="--max-batch"):
+        app({"max_batch": "0"})
+
+
+def test_serve_ray_flags_refuse_bad_values_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "serve", "--ray", "--autoscale", "3:1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--autoscale must be MIN:MAX" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def pixels(b64):
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
+@pytest.mark.ray
 def test_answers_equal_a_single_servers(cluster, single):
     client, _ = cluster
     body = {"prompt": PROMPT + " <lora:outline:0.8>", "seed": 3, "steps": 4, "batch_size": 2}
@@ -111,6 +146,7 @@ def switches(client):
             if line.startswith("fewstep_ray_adapter_switches{")}
 
 
+@pytest.mark.ray
 def test_requests_stick_to_the_replica_that_has_their_adapter_set(cluster):
     client, _ = cluster
     before = switches(client)
@@ -133,6 +169,7 @@ def replica_pids(client, n=8):
     return pids
 
 
+@pytest.mark.ray
 def test_a_replica_killed_under_load_loses_no_request_and_comes_back(cluster):
     client, _ = cluster
     pids = replica_pids(client)
