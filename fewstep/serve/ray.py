@@ -33,9 +33,9 @@ def need_ray():
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
     except ImportError as e:
-        from .cli import ServeError
+        from .config import ConfigError
 
-        raise ServeError(f"fewstep serve --ray needs {e.name}: pip install 'fewstep[ray]'") from None
+        raise ConfigError(f"fewstep serve --ray needs {e.name}: pip install 'fewstep[ray]'") from None
 
 
 def adapter_key(body, content_type=""):
@@ -188,6 +188,10 @@ class Ingress:
                 if await request.is_disconnected():
                     call.cancel()  # Ray cancels the replica's task: the app drops the job, the engine stops
                     raise ClientLeft()
+        except asyncio.CancelledError:  # Ray's proxy saw the client leave first and cancelled this handler
+            self.counts["cancelled"] += 1
+            call.cancel()
+            raise
         finally:
             if not task.done():
                 task.cancel()
@@ -350,11 +354,11 @@ def serve_ray(args, config):
     import dataclasses
     import sys
 
-    from .cli import ServeError
+    from .config import ConfigError
 
     need_ray()
     if args.replicas < 1:
-        raise ServeError(f"--replicas must be >= 1, got {args.replicas}")
+        raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     import ray
     from ray import serve
