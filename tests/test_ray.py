@@ -154,7 +154,7 @@ def test_requests_stick_to_the_replica_that_has_their_adapter_set(cluster):
     for i in range(12):
         r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT + sets[i % 2], "seed": i, "steps": 1})
         assert r.status_code == 200
-        time.sleep(0.2)  # sequential traffic: Ray learns which replica holds which set between requests
+        time.sleep(0.5)  # sequential traffic: Ray learns which replica holds which set between requests
     after = switches(client)
     refused = sum(after.get(k, 0) - before.get(k, 0) for k in after)
     # round-robin over 2 replicas would re-fuse on (almost) every request: 12; sticky routing at most 2 per replica
