@@ -10,7 +10,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,12 +30,6 @@ PROMPT = "a red circle in the top left on a blue background"
 KEY = "ray-test-key-123"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
@@ -47,22 +40,12 @@ def lora_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(lora_dir):
-    from fewstep.serve.ray import deployments
+    from tests.support.ray import deploy
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = {"lora_dir": str(lora_dir), "api_key": KEY, "max_wait": 0.0}
-        serve.run(deployments({"model": None, "device": "cpu", "dtype": "fp32"}, config, replicas=2, cpus=0.5),
-                  name="fewstep", route_prefix="/")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                              headers={"Authorization": f"Bearer {KEY}"})
+    config = {"lora_dir": str(lora_dir), "api_key": KEY, "max_wait": 0.0}
+    url = deploy(config, replicas=2)
+    with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as client:
         yield client, config
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

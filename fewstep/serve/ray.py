@@ -21,7 +21,9 @@ import time
 
 log = logging.getLogger("fewstep")
 
-ROUTED_HEADERS = ("authorization", "content-type", "accept", "x-request-id")  # what the replica's app reads
+# what the replica's app reads; host: the URLs it builds (response_format "url") name the public address
+ROUTED_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "host", "origin",
+                  "access-control-request-method", "access-control-request-headers")
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
 TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")  # as fewstep.lora.prompt (light: no torch here)
 NO_ADAPTERS = "-"  # Ray refuses an empty multiplexed model id
@@ -71,9 +73,7 @@ def adapter_key(body, content_type=""):
 class ReplicaApp:
     """One engine and its fewstep app, answering forwarded requests in-process (no socket of its own)."""
 
-    def __init__(self, load, config):
-        import httpx
-
+    def __init__(self, load, config, store=None):
         import fewstep
 
         from .app import create_app
@@ -92,8 +92,8 @@ class ReplicaApp:
             engine.generate("warm-up", seed=0)
         self.app = create_app(engine, ServeConfig(**config))
         self.server = self.app.state.server
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://replica",
-                                        timeout=None)
+        if store is not None:  # PNGs kept for response_format "url" are fetched through any replica
+            self.server.files = SharedFiles(store)
         self._lifespan = None
         self.pid = os.getpid()
         log.warning("fewstep replica %d: %s ready after %.1f s", self.pid, engine.c.name, time.perf_counter() - t0)
@@ -109,17 +109,102 @@ class ReplicaApp:
             self._lifespan = None
 
     async def handle(self, method, path, query, headers, body):
-        """(status, headers, body) of the request as the single server answers it."""
+        """The app's answer as it is sent: first (status, headers), then the body's chunks.
+
+        The app is called as an ASGI app with the forwarded request (no socket, no client library: httpx's
+        ASGITransport would buffer the whole body, so an event stream would arrive at its end and a client that left
+        would go unseen). When this generator is closed early (the client left; Ray cancels it), the app's next
+        receive() says http.disconnect, exactly what a single server's app hears from uvicorn."""
+        from urllib.parse import urlencode
+
         await self.start()
-        resp = await self.client.request(method, path, params=query, headers=headers, content=body)
-        out = [(k, v) for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS]
-        out += [("x-fewstep-replica", str(self.pid)),
-                ("x-fewstep-adapter-switches", str(self.server.adapters.switches))]
-        return resp.status_code, out, resp.content
+        messages, gone = asyncio.Queue(), asyncio.Event()
+        hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+                 "query_string": urlencode(query).encode(), "headers": hdrs, "client": ("127.0.0.1", 0),
+                 "server": ("127.0.0.1", 80), "state": {}}
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            await messages.put(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, send))
+        task.add_done_callback(lambda _: messages.put_nowait(None))
+        try:
+            while True:
+                m = await messages.get()
+                if m is None:
+                    task.result()  # the app's own failure (it answers 500s itself; this is a crash)
+                    return
+                if m["type"] == "http.response.start":
+                    out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in m.get("headers", ())]
+                    out = [(k, v) for k, v in out if k.lower() not in HOP_HEADERS]
+                    yield (m["status"], out + [("x-fewstep-replica", str(self.pid)),
+                                              ("x-fewstep-adapter-switches", str(self.server.adapters.switches))])
+                elif m["type"] == "http.response.body":
+                    if m.get("body"):
+                        yield m["body"]
+                    if not m.get("more_body"):
+                        return
+        finally:
+            gone.set()  # the app sees the disconnect and drops its work (it finishes on its own, never awaited)
 
     def healthy(self):
         thread = self.server.batcher._thread
         return thread is None or thread.is_alive()
+
+
+class SharedFiles:
+    """Server.files for a replica: the PNGs of response_format "url" live in one Ray actor (FileStore), so the
+    GET of an image's URL finds it whichever replica answers."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __setitem__(self, token, png):
+        import ray
+
+        ray.get(self.store.put.remote(token, png))  # stored before the URL goes out (milliseconds)
+
+    def __len__(self):
+        return 0  # the store keeps at most keep_images itself
+
+    def get(self, token, default=None):
+        import ray
+
+        png = ray.get(self.store.get.remote(token))
+        return default if png is None else png
+
+
+def file_store(keep):
+    """The app's FileStore actor, created by the first replica and found by the others (it outlives a replica)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class FileStore:
+        def __init__(self, keep):
+            from collections import OrderedDict
+
+            self.files, self.keep = OrderedDict(), keep
+
+        def put(self, token, png):
+            self.files[token] = png
+            while len(self.files) > self.keep:
+                self.files.popitem(last=False)
+
+        def get(self, token):
+            return self.files.get(token)
+
+    return FileStore.options(name="fewstep-files", get_if_exists=True, lifetime="detached").remote(keep)
 
 
 # ---- the ingress ---------------------------------------------------------------------------------------------
@@ -134,7 +219,7 @@ class Ingress:
         self.counts = {"forwarded": 0, "retried": 0, "replica_failures": 0, "cancelled": 0}
 
     async def forward(self, request):
-        from fastapi.responses import Response
+        from fastapi.responses import StreamingResponse
 
         body = await request.body()
         ctype = request.headers.get("content-type", "")
@@ -144,12 +229,16 @@ class Ingress:
         path = request.url.path
         last = None
         for attempt in range(1 + self.retries):
-            call = self.replica.options(multiplexed_model_id=key).handle.remote(request.method, path, query,
-                                                                                 headers, body)
+            gen = self.replica.options(multiplexed_model_id=key, stream=True).handle.remote(
+                request.method, path, query, headers, body)
             try:
-                status, out, content = await self._await(call, request)
+                # the status comes when the app starts answering: for a plain route, once its images are done,
+                # so a replica that dies while generating is seen here and the request is sent again
+                status, out = await self._first(gen, request)
             except ClientLeft:
                 self.counts["cancelled"] += 1
+                from fastapi.responses import Response
+
                 return Response(status_code=499)
             except Exception as e:  # noqa: BLE001 - a dead replica or a lost actor: the only errors Ray raises here
                 if not is_replica_failure(e):
@@ -168,33 +257,44 @@ class Ingress:
             switches = hdr.pop("x-fewstep-adapter-switches", None)
             if pid is not None and switches is not None:
                 self.switches[pid] = int(switches)
+            tail = b""
             if path == "/metrics" and status == 200:  # one replica's metrics, then the ingress's own
-                content += self.metrics().encode()
+                tail = self.metrics().encode()
                 hdr.pop("content-length", None)
-            return Response(content, status_code=status, headers=hdr)
+            return StreamingResponse(self._rest(gen, tail), status_code=status, headers=hdr)
         from .app import error
 
         return error(503, f"the replica serving this request failed ({type(last).__name__}) and so did its retry: "
                           "try again", headers={"Retry-After": "5"})
 
-    async def _await(self, call, request):
-        """The replica's answer; cancels the replica's work when the client disconnects."""
-        task = asyncio.ensure_future(call)
+    async def _first(self, gen, request):
+        """The replica's (status, headers); cancels the replica's work when the client disconnects first."""
+        task = asyncio.ensure_future(gen.__anext__())
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.25)
                 if done:
                     return task.result()
                 if await request.is_disconnected():
-                    call.cancel()  # Ray cancels the replica's task: the app drops the job, the engine stops
+                    gen.cancel()  # Ray cancels the replica's generator: the app hears a disconnect, the engine stops
                     raise ClientLeft()
         except asyncio.CancelledError:  # Ray's proxy saw the client leave first and cancelled this handler
             self.counts["cancelled"] += 1
-            call.cancel()
+            gen.cancel()
             raise
         finally:
             if not task.done():
                 task.cancel()
+
+    async def _rest(self, gen, tail):
+        """The body's chunks as the replica sends them; closing early (the client left) cancels the replica's."""
+        try:
+            async for chunk in gen:
+                yield chunk
+            if tail:
+                yield tail
+        finally:
+            gen.cancel()  # no effect once it has finished
 
     def metrics(self):
         lines = ["# HELP fewstep_ray_adapter_switches Changes of the fused LoRA set, per replica",
@@ -232,7 +332,9 @@ def deployments(load, config, *, replicas=1, autoscale=None, cpus=1.0, gpus=0.0,
     from .config import ServeConfig
 
     cfg = ServeConfig(**config)  # checked here, before any replica starts
-    sets = max_loaded or cfg.loaded_loras
+    # Ray counts a replica as holding the adapter sets it served last; fewstep fuses one set at a time, so one:
+    # with more, Ray would keep sending two alternating sets to one replica that re-fuses on every batch
+    sets = max_loaded or 1
     scaling = {"num_replicas": replicas}
     if autoscale is not None:
         lo, hi = autoscale
@@ -251,7 +353,7 @@ def deployments(load, config, *, replicas=1, autoscale=None, cpus=1.0, gpus=0.0,
                 rank = serve.get_replica_context().rank.local_rank
                 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
                 torch.set_num_threads(1)
-            self.core = ReplicaApp(load, config)
+            self.core = ReplicaApp(load, config, store=file_store(cfg.keep_images))
 
         @serve.multiplexed(max_num_models_per_replica=sets)
         async def adapter_set(self, key):
@@ -259,7 +361,8 @@ def deployments(load, config, *, replicas=1, autoscale=None, cpus=1.0, gpus=0.0,
 
         async def handle(self, method, path, query, headers, body):
             await self.adapter_set(serve.get_multiplexed_model_id())
-            return await self.core.handle(method, path, query, headers, body)
+            async for part in self.core.handle(method, path, query, headers, body):
+                yield part
 
         def check_health(self):
             if not self.core.healthy():
@@ -367,7 +470,7 @@ def serve_ray(args, config):
 
     load = dict(model=args.model, device=args.device, dtype=args.dtype, lcm=args.lcm, unet=args.unet,
                 recipe=args.recipe, prediction_type=args.prediction, allow_pickle=args.allow_pickle,
-                controlnets=tuple(args.controlnet), warmup=args.warmup, **speed.speed_kwargs(args))
+                controlnets=tuple(args.controlnet), warmup=args.warmup, **speed.speed_kwargs(args, server=True))
     t0 = time.perf_counter()
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
@@ -387,6 +490,10 @@ def serve_ray(args, config):
         pass
     finally:
         serve.shutdown()
+        try:  # the detached image store outlives the app on a cluster that keeps running
+            ray.kill(ray.get_actor("fewstep-files"))
+        except ValueError:
+            pass
         ray.shutdown()
     print("fewstep: stopped", file=sys.stderr)
     return 0
