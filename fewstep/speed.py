@@ -37,6 +37,9 @@ class SpeedSettings:
     cudnn_benchmark: bool = False
     cuda_graphs: bool = False  # replay the UNet step as a captured CUDA graph (no per-kernel launch cost)
     fused_qkv: bool = False  # one q/k/v (self-attention) and k/v (cross-attention) projection GEMM; no CPU gain
+    backend: str = "torch"  # "openvino": the UNet and the VAE converted and run by OpenVINO (fewstep.backends)
+    openvino_cache: str | None = None  # where converted models are kept (default: fewstep.backends.openvino)
+    openvino_background: bool = False  # convert a new weight state in a thread, torch runs meanwhile (servers)
 
 
 def auto_settings(device, **overrides):
@@ -55,6 +58,12 @@ def auto_settings(device, **overrides):
     if s.cuda_graphs and (device.type != "cuda" or s.offload or s.compile):
         raise LoadError("--cuda-graphs needs a CUDA device, without --offload (weights must stay put) and without "
                         "--compile (its reduce-overhead mode already uses CUDA graphs)")
+    if s.backend != "torch":
+        from .backends import check
+
+        check(s.backend, device)
+        if s.compile or s.cuda_graphs:
+            raise LoadError(f"--backend {s.backend} runs its own compiled models: drop --compile / --cuda-graphs")
     if s.offload and device.type != "cuda":
         raise LoadError("--offload keeps weights in CPU memory for a GPU; it does nothing on " + device.type)
     return s
@@ -80,9 +89,10 @@ class FastPath:
     """What runs: the decoder (the full VAE, a view of it with sub-pixel upsamplers, or a tiny one) and the hot
     callables (eager modules, compiled functions or CUDA-graph replays); `report` says what was done."""
 
-    def __init__(self, settings, unet_fn, decoder, decode_fn, report):
+    def __init__(self, settings, unet_fn, decoder, decode_fn, report, encode_fn=None):
         self.settings, self.unet_fn, self.decoder, self.decode_fn, self.report = (settings, unet_fn, decoder,
                                                                                    decode_fn, report)
+        self.encode_fn = encode_fn  # pixels -> latent distribution; None: the VAE's own encode
 
 
 def build(components, device, dtype, settings=None, *, tiny_decoder=None):
@@ -121,7 +131,16 @@ def build(components, device, dtype, settings=None, *, tiny_decoder=None):
     elif settings.cuda_graphs:
         unet_fn = GraphedUNet(c.unet)
         done["cuda_graphs"] = True
-    return FastPath(settings, unet_fn, decoder, decode_fn, done)
+    encode_fn = None
+    if settings.backend == "openvino":
+        from .backends import openvino
+
+        # the sub-pixel upsamplers are a torch kernel choice (the same sums): OpenVINO converts diffusers' decoder
+        source = c.vae if done.get("phase_upsample") else decoder
+        unet_fn, decode_fn, encode_fn = openvino.wrap(c, source, dtype, label=c.name, cache=settings.openvino_cache,
+                                                      background=settings.openvino_background)
+        done["backend"] = "openvino"
+    return FastPath(settings, unet_fn, decoder, decode_fn, done, encode_fn)
 
 
 class PhaseUpsample(torch.nn.Module):
