@@ -18,7 +18,8 @@ from .recipes import RECIPES, get_recipe
 from .train.config import TARGETS
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-LCM_TARGETS = tuple(TARGETS["lcm"])  # the LCM-LoRA recipe's key set, as the trainer uses it
+LCM_TARGETS = tuple(TARGETS["lcm"])
+SYSTEMS = ("fewstep", "diffusers-seed", "diffusers-tuned", "openvino")  # the LCM-LoRA recipe's key set, as the trainer uses it
 
 
 def add_parser(sub):
@@ -35,18 +36,26 @@ def add_parser(sub):
                    help="lcm (the few-step mode: LCM-LoRA 4 steps, or --recipe) and/or euler (25 steps, CFG 7.5)")
     b.add_argument("--recipe", default="lcm", choices=[r for r in RECIPES if r != "standard"],
                    help="the few-step mode's recipe: fewstep runs it, diffusers runs the scheduler its card names")
-    b.add_argument("--systems", default="fewstep,diffusers-seed,diffusers-tuned")
+    b.add_argument("--systems", default="fewstep,diffusers-seed,diffusers-tuned",
+                   help=f"any of {','.join(SYSTEMS)} (openvino: diffusers' pipeline through OpenVINO, CPU)")
     b.add_argument("--euler-steps", type=int, default=25)
     b.add_argument("--batch", default="1", help="batch sizes for the throughput rows, e.g. 1,4,8 (LCM mode)")
     b.add_argument("--vae", default="full", help="fewstep's decoder: full, tiny, or an AutoencoderTiny path/hub id")
     b.add_argument("--compile", action="store_true", help="torch.compile fewstep's UNet and decoder (time reported)")
     b.add_argument("--cuda-graphs", action="store_true", help="replay fewstep's UNet steps as CUDA graphs")
     b.add_argument("--fused-qkv", action="store_true", help="fuse fewstep's attention q/k/v projections")
+    b.add_argument("--backend", choices=("torch", "openvino"), default="torch",
+                   help="fewstep's executor (openvino: converted in the warm-up, its time reported); the openvino "
+                        "system (--systems ...,openvino) is diffusers' pipeline through OpenVINO, without fewstep")
     b.add_argument("--controlnet", action="store_true",
                    help="the few-step rows also run one ControlNet (random weights of the model's ControlNet "
                         "architecture, from_unet) on an edge image: fewstep vs diffusers' ControlNet pipeline")
     b.add_argument("--quality", action="store_true",
                    help="also PSNR of fewstep's image against an fp32 run with every speed option off (same seed)")
+    b.add_argument("--stream", nargs="?", const="shapes,sd15", metavar="MODELS",
+                   help="benchmark the stream (fewstep.stream) against the one-frame-at-a-time img2img loop instead: "
+                        "shapes (64 px) and/or sd15 (512 px, random weights, TAESD's architecture); see "
+                        "fewstep/bench_stream.py")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.add_argument("--out", help="also write the JSON rows to this file")
     b.set_defaults(func=run_bench)
@@ -89,6 +98,13 @@ class PeakMemory:
             self.peak = max(self.peak, _rss())
             self.extra = self.peak - self.base
         return False
+
+
+def _peak_rss():
+    """The process's peak resident memory (all systems built so far)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss():
@@ -166,6 +182,10 @@ def _commit():
 
 
 def run_bench(args):
+    if args.stream:
+        from .bench_stream import run_stream_bench
+
+        return run_stream_bench(args)
     import copy
 
     import torch
@@ -182,8 +202,12 @@ def run_bench(args):
     recipe = get_recipe(args.recipe)
     systems = [s for s in args.systems.split(",") if s]
     batches = [int(b) for b in args.batch.split(",")]
-    if not set(modes) <= {"lcm", "euler"} or not set(systems) <= {"fewstep", "diffusers-seed", "diffusers-tuned"}:
-        raise RequestError("--modes takes lcm,euler; --systems takes fewstep,diffusers-seed,diffusers-tuned")
+    if not set(modes) <= {"lcm", "euler"} or not set(systems) <= set(SYSTEMS):
+        raise RequestError(f"--modes takes lcm,euler; --systems takes {','.join(SYSTEMS)}")
+    if "openvino" in systems:
+        from .backends import check
+
+        check("openvino", dev)  # before any model is built: installed, and a CPU run
     print(f"fewstep bench: building {args.arch} ({'weights of ' + args.model if args.model else 'random weights'})"
           f" on {dev}...", file=sys.stderr)
     parts = loading.read_components(args.model) if args.model else _random(args.arch)
@@ -195,8 +219,16 @@ def run_bench(args):
     # diffusers as the blog runs it keeps its own copy in the default dtype (fp32 CPU / fp16 GPU)
     seed_dtype = torch.float16 if dev.type == "cuda" else torch.float32
     tuned_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-    own_tuned = "diffusers-tuned" in systems and tuned_dtype != dt
-    pristine = copy.deepcopy(parts) if ("diffusers-seed" in systems or own_tuned) else None
+    tuned_nhwc = True
+    if "diffusers-tuned" in systems and dev.type == "cpu":  # the fastest PyTorch configuration here, measured
+        from .bench_openvino import fastest_torch_config
+
+        tuned_dtype, tuned_nhwc, probe = fastest_torch_config(parts["unet"], size, xl=PRESETS[args.arch].xl,
+                                                              device=dev)
+        print("bench: diffusers-tuned UNet step " + ", ".join(f"{k} {v:.2f}s" for k, v in probe.items()) +
+              f" -> {str(tuned_dtype).split('.')[-1]}{' channels_last' if tuned_nhwc else ''}", file=sys.stderr)
+    own_tuned = "diffusers-tuned" in systems and (tuned_dtype != dt or not tuned_nhwc)
+    pristine = copy.deepcopy(parts) if ({"diffusers-seed", "openvino"} & set(systems) or own_tuned) else None
     reference_parts = copy.deepcopy(parts) if args.quality else None
     tiny = None
     if args.vae == "tiny" and not args.model:  # random weights of TAESD's architecture: the same compute
@@ -204,8 +236,17 @@ def run_bench(args):
 
         tiny = AutoencoderTiny().to(dev, dt).eval().requires_grad_(False)
     # the prompt cache would skip fewstep's text encoder on repeated runs; diffusers has none, so it is off here
+    ov_cache = None
+    if args.backend == "openvino":  # random weights: their converted models go to a folder removed at exit
+        import atexit
+        import shutil
+        import tempfile
+
+        ov_cache = tempfile.mkdtemp(prefix="fewstep-bench-openvino-")
+        atexit.register(shutil.rmtree, ov_cache, True)
     settings = speed.auto_settings(dev, vae=args.vae, compile=args.compile, prompt_cache=0,
-                                   cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv)
+                                   cuda_graphs=args.cuda_graphs, fused_qkv=args.fused_qkv,
+                                   **(dict(backend="openvino", openvino_cache=ov_cache) if ov_cache else {}))
     t0 = time.perf_counter()
     # random weights may overflow; speed does not care
     engine = _engine(parts, args.model or f"random-{args.arch}", args.arch, dev, dt, lora_file, settings,
@@ -213,20 +254,30 @@ def run_bench(args):
     comps = engine.c
     fuse_time = time.perf_counter() - t0
     report = engine.speed_report
-    compile_time = speed.warmup(engine, width=size, height=size, steps=2) if args.compile or args.cuda_graphs \
-        else None
+    compile_time = speed.warmup(engine, width=size, height=size, steps=2) \
+        if args.compile or args.cuda_graphs or ov_cache else None
 
     pipes = {}
     if own_tuned:
         # a careful user's pipeline: bf16/fp16, the LoRA loaded and fused, SDPA (diffusers' default attention)
         pipes["diffusers-tuned"] = _pipeline(loading.place(copy.deepcopy(pristine), "tuned", comps.arch, dev,
                                                            tuned_dtype), tuned_dtype)
+        if tuned_nhwc:
+            pipes["diffusers-tuned"].unet.to(memory_format=torch.channels_last)
         pipes["diffusers-tuned"].load_lora_weights(lora)
         pipes["diffusers-tuned"].fuse_lora()
         pipes["diffusers-tuned"].tuned_fused = True
     elif "diffusers-tuned" in systems:
         # same dtype as fewstep: the tuned pipeline shares fewstep's modules, in which the LoRA is already fused
         pipes["diffusers-tuned"] = _pipeline(engine.c, tuned_dtype)
+    ov_convert = ov_dtype = None
+    if "openvino" in systems:  # diffusers' fp32 pipeline, LoRA fused, UNet and decoder through OpenVINO
+        from .bench_openvino import openvino_pipeline
+
+        ov_parts = loading.place(copy.deepcopy(pristine), "openvino", comps.arch, dev, torch.float32)
+        pipes["openvino"], ov_convert, ov_precision = openvino_pipeline(_pipeline(ov_parts, torch.float32), lora,
+                                                                        size, xl=comps.preset.xl)
+        ov_dtype = f"openvino-{ov_precision}"
     if "diffusers-seed" in systems:
         pipes["diffusers-seed"] = _pipeline(loading.place(pristine, "seed", comps.arch, dev, seed_dtype), seed_dtype)
         pipes["diffusers-seed"].load_lora_weights(lora)  # peft layers, unfused: what the blog's code does
@@ -280,23 +331,25 @@ def run_bench(args):
         for mode in modes:
             if mode == "euler" and batch > 1:
                 continue
-            for system in systems:  # warm-up
+            # the openvino system has the LCM-LoRA fused into its converted UNet: few-step rows only
+            run_systems = [s for s in systems if s != "openvino" or mode == "lcm"]
+            for system in run_systems:  # warm-up
                 one(system, mode, batch, False)
-            totals = {s: [] for s in systems}
-            mems = {s: 0 for s in systems}
+            totals = {s: [] for s in run_systems}
+            mems = {s: 0 for s in run_systems}
             for _ in range(args.runs):  # alternated, so drift hits every system alike
-                for system in systems:
+                for system in run_systems:
                     total, extra, _ = one(system, mode, batch, True)
                     totals[system].append(total)
                     mems[system] = max(mems[system], extra)
-            for system in systems:
+            for system in run_systems:
                 _, _, stages = one(system, mode, batch, "stages")
                 med = statistics.median(totals[system])
                 rows.append(dict(meta, system=system, mode=mode, batch=batch,
                                  recipe=recipe.name if mode == "lcm" else "standard",
                                  steps=recipe.steps if mode == "lcm" else args.euler_steps,
                                  guidance=recipe.guidance if mode == "lcm" else 7.5,
-                                 dtype=str(_system_dtype(system, dt, seed_dtype, tuned_dtype)).split(".")[-1],
+                                 dtype=str(_system_dtype(system, dt, seed_dtype, tuned_dtype, ov_dtype)).split(".")[-1],
                                  seconds=med, runs=totals[system], images_per_s=batch / med,
                                  peak_extra_bytes=mems[system], text_s=stages["text"],
                                  unet_step_s=statistics.median(stages["unet"]) if stages["unet"] else None,
@@ -306,7 +359,9 @@ def run_bench(args):
     for r in rows:
         ref = {x["system"]: x["seconds"] for x in rows if x["mode"] == r["mode"] and x["batch"] == r["batch"]}
         r["speedup_vs"] = {s: ref[s] / r["seconds"] for s in ref if s != r["system"]} if r["system"] == "fewstep" else {}
-    extra = dict(lora_load_fuse_s=fuse_time, compile_s=compile_time, lora_tensors=len(lora))
+    extra = dict(lora_load_fuse_s=fuse_time, compile_s=compile_time, lora_tensors=len(lora),
+                 tuned=f"{str(tuned_dtype).split('.')[-1]}{' channels_last' if tuned_nhwc else ''}",
+                 openvino_convert_s=ov_convert, backend=args.backend, peak_rss_bytes=_peak_rss())
     if args.out:
         Path(args.out).write_text(json.dumps(dict(rows=rows, **extra), indent=2))
     if args.json:
@@ -404,8 +459,8 @@ def _device_name(dev):
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def _system_dtype(system, dt, seed_dtype, tuned_dtype):
-    return {"fewstep": dt, "diffusers-seed": seed_dtype, "diffusers-tuned": tuned_dtype}[system]
+def _system_dtype(system, dt, seed_dtype, tuned_dtype, ov_dtype=None):
+    return {"fewstep": dt, "diffusers-seed": seed_dtype, "diffusers-tuned": tuned_dtype, "openvino": ov_dtype}[system]
 
 
 def _encoders(pipe):
@@ -477,4 +532,21 @@ def table(rows, extra):
                  f"{r0.get('compile')}, cuda graphs {r0.get('cuda_graphs')}; LCM-LoRA ({extra['lora_tensors']} tensors) load+fuse "
                  f"{extra['lora_load_fuse_s']:.2f}s" + (f", compile/capture+warm-up {extra['compile_s']:.1f}s"
                                                        if extra["compile_s"] else ""))
+    if "peak_rss_bytes" in extra:  # CPU figures: what ran, and the memory all systems took together
+        lines.append(f"fewstep backend {extra['backend']}; diffusers-tuned ran {extra['tuned']}"
+                     + (f"; openvino system converted in {extra['openvino_convert_s']:.1f}s"
+                        if extra.get("openvino_convert_s") else "")
+                     + f"; peak RSS {extra['peak_rss_bytes'] / 2**30:.2f} GiB; CPU flags: {_cpu_flags()}")
     return "\n".join(lines)
+
+
+def _cpu_flags():
+    """The CPU's vector and matrix flags that decide the fast dtype (AVX2, AVX-512, bf16, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    keep = [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16",
+                                       "amx_bf16", "amx_int8", "amx_tile")]
+    return " ".join(keep) or "none of avx2/avx512/amx"

@@ -130,7 +130,9 @@ def prepare(engine, req, sched, batch):
                           dtype=torch.float32, device=engine.device)
 
     def control(inp, t, states, added):
-        step = (timesteps == t).int().argmax().view(1)
+        # a stream batch (fewstep.stream) passes one timestep per frame; its units run at one scale on every step,
+        # so the first frame's step serves all of them
+        step = (timesteps == t.reshape(-1)[0]).int().argmax().view(1)
         scale = scales.index_select(1, step)[:, 0]
         if cfg and guess:
             inp, states = inp.chunk(2)[1], states.chunk(2)[1]

@@ -52,6 +52,8 @@ def make_denoiser(unet, cond, *, prediction_type, guidance=1.0, uncond=None, add
 
     def denoise(x, t, alpha):
         inp = (torch.cat([x, x]) if cfg else x).to(dtype)
+        if cfg and t.dim() > 0:  # one timestep per image (a stream batch): both halves get them
+            t = torch.cat([t, t])
         kw = {}
         if control is not None:
             down, mid = control(inp, t, states, extra)

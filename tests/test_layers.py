@@ -11,8 +11,10 @@ ROOT = Path(__file__).resolve().parents[1] / "fewstep"
 LAYERS = [
     ("front", ["fewstep", "fewstep.cli", "fewstep.speed_cli", "fewstep.recipes_cli", "fewstep.serve", "fewstep.train",
                "fewstep.bench", "fewstep.lora.cli", "fewstep.worlds.shapes.cli", "fewstep.worlds.shapes.table",
-               "fewstep.worlds.shapes.train_teacher", "fewstep.worlds.shapes.evaluate"]),
-    ("engine", ["fewstep.engine"]),
+               "fewstep.worlds.shapes.train_teacher", "fewstep.worlds.shapes.evaluate",
+               "fewstep.stream_cli", "fewstep.bench_stream", "fewstep.bench_openvino",
+               "fewstep.worlds.shapes.tiny_vae"]),
+    ("engine", ["fewstep.engine", "fewstep.stream"]),
     ("parts", ["fewstep.lora", "fewstep.speed", "fewstep.backends", "fewstep.loading", "fewstep.singlefile",
                "fewstep.text", "fewstep.default_model", "fewstep.worlds.shapes.teacher", "fewstep.inpaint",
                "fewstep.control"]),
