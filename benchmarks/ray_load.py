@@ -13,13 +13,11 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 
-from serve_load import HOST, commit, free_port, get, load
+from serve_load import HOST, commit, free_port, launch, load, stop
 
 
 def row(name, latencies, errors, wall):
@@ -43,25 +41,11 @@ def single(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "fewstep.cli", "serve", "--host", HOST, "--port", str(port),
            "--device", "cpu", "--dtype", args.dtype, "--queue-size", "128", "--timeout", str(args.duration + 60)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env=env)
+    proc = launch(cmd, port, env=env)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if get(port, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the single server did not come up")
-            time.sleep(0.25)
         return measure(port, args, "single server (1 core)")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def on_ray(args, replicas):

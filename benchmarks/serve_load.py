@@ -38,19 +38,35 @@ def start_server(args, max_batch):
            "--queue-size", str(max(64, 2 * args.concurrency)), "--timeout", str(args.duration + 60)]
     if args.model:
         cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    return launch(cmd, port), port
+
+
+def launch(cmd, port, log=None, env=None):
+    """Start `fewstep serve` (cmd) and wait until its /health says ready; log: a file for its output."""
+    proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            raise SystemExit(f"the server exited (rc {proc.returncode}): "
+                             + (f"see {log.name}" if log else proc.stderr.read()))
         if time.monotonic() > deadline:
             proc.kill()
             raise SystemExit("the server did not come up within 300 s")
         try:
             if get(port, "/health")[0] == 200:
-                return proc, port
+                return proc
         except OSError:
-            time.sleep(0.25)
+            pass
+        time.sleep(0.25)
+
+
+def stop(proc):
+    """Ctrl+C, as a user stops it; killed if it has not stopped within 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def get(port, path):
@@ -112,11 +128,7 @@ def run_mode(args, name, max_batch):
         latencies, errors, wall = load(port, args, args.requests, 0, time.monotonic() + args.duration)
         images1, batches1 = batch_totals(port)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
     return dict(mode=name, max_batch=max_batch, requests=len(latencies), errors=len(errors), wall_s=round(wall, 2),
                 images_per_s=round(len(latencies) / wall, 3), p50_s=round(q[49], 3), p90_s=round(q[89], 3),

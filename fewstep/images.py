@@ -15,23 +15,48 @@ def open_image(src, label, *, field=None, then=lambda im: im.copy()):
     from .sources import local_path
 
     try:
-        with Image.open(local_path(src)) as im:
+        with Image.open(regular_file(local_path(src))) as im:  # reads the header only: the size is known first
             return then(im)
+    except Image.DecompressionBombError:
+        raise RequestError(f"cannot read {label} {src}: {bomb_reason()}", field=field) from None
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RequestError(f"cannot read {label} {src}: {reason}", field=field) from None
 
 
+def bomb_reason():
+    """Why PIL refused an image for its size (a decompression bomb), with the limit."""
+    from PIL import Image
+
+    return (f"it has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit for an image (a decompression bomb "
+            "or an image far too large to generate from)")
+
+
+def regular_file(path):
+    """path, when it names a regular file (links followed): opening a FIFO or a character device would wait for a
+    writer forever or read without end, so they are refused (OSError) before they are opened."""
+    import os
+    import stat
+
+    mode = os.stat(path).st_mode  # FileNotFoundError for a missing file, as open() would raise
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else \
+            "a device or socket"
+        raise OSError(f"it is {kind}, not a regular file")
+    return path
+
+
 def parameters_text(params, seed):
     """The A1111 "parameters" text other tools read: prompt, negative prompt, then a key: value line."""
     prompt = params["prompt"] if isinstance(params["prompt"], str) else params["prompt"][0]
-    lines = [prompt]
+    lines = [one_line(lora_prompt(prompt, params.get("loras") or {}))]
     if params.get("negative_prompt"):
-        lines.append(f"Negative prompt: {params['negative_prompt']}")
+        lines.append(f"Negative prompt: {one_line(params['negative_prompt'])}")
     sampler = SAMPLERS[params["sampler"]].label if params["sampler"] in SAMPLERS else params["sampler"]
     fields = [("Steps", params["steps"]), ("Sampler", sampler),
               ("CFG scale", f"{params['guidance']:g}"), ("Seed", seed),
-              ("Size", f"{params['width']}x{params['height']}"), ("Model", params.get("model"))]
+              ("Size", f"{params['width']}x{params['height']}"),
+              ("Model", None if params.get("model") is None else quote(str(params["model"])))]
     if params.get("spacing"):  # A1111's name for a forced timestep spacing (Lightning, Turbo: trailing)
         fields.append(("Schedule type", params["spacing"].capitalize()))
     if params.get("recipe") not in (None, "standard"):
@@ -46,13 +71,54 @@ def parameters_text(params, seed):
         fields.append((f"ControlNet {i}", control_text(unit)))
     if params.get("gamma") is not None:
         fields.append(("TCD gamma", f"{params['gamma']:g}"))
-    if params.get("loras"):
-        fields.append(("LoRAs", '"' + ", ".join(f"{n}:{w:g}" for n, w in params["loras"].items()) + '"'))
+    if params.get("lora_hashes"):  # as A1111's Lora extension writes them; the weights are the prompt's tags
+        fields.append(("Lora hashes", quote(lora_hashes_text(params["lora_hashes"]))))
     if params.get("timesteps"):
         fields.append(("Timesteps", '"' + ",".join(str(t) for t in params["timesteps"]) + '"'))
     fields.append(("Version", f"fewstep {params.get('version', '')}".strip()))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
+
+
+def lora_prompt(prompt, loras):
+    """The prompt as A1111 writes it: its <lora:NAME:WEIGHT> tags stay, and an adapter given another way (a --lora
+    file, the server's loras field) gets its tag appended, so that tools reading the prompt see every LoRA and
+    its weight."""
+    from .request import split_lora_tags
+
+    tagged = split_lora_tags(prompt)[1]  # a name's tags add up (fewstep's rule): a missing part gets its own tag
+    extra = "".join(f" <lora:{n}:{w - tagged.get(n, 0.0):g}>" for n, w in loras.items()
+                    if abs(w - tagged.get(n, 0.0)) > 1e-6)
+    return (prompt + extra).strip() if extra else prompt
+
+
+def lora_hashes_text(hashes):
+    """A1111's "Lora hashes" value: "name: hash" pairs, ", "-joined; the names lose ':' and ',' as A1111's do."""
+    return ", ".join(f"{str(n).replace(':', '').replace(',', '')}: {h}" for n, h in hashes.items())
+
+
+def one_line(text):
+    """A prompt as one line of the parameters text that no reader takes for another field. A1111 writes prompts
+    as they are, so a line break followed by "Negative prompt:" or "Steps: ..." is read back as those fields (by
+    A1111 itself, sd-parsers and tools that look for "\nSteps:"), and sd-parsers splits at "Negative prompt:"
+    anywhere. Line breaks become spaces and that label gets a space before its colon: CLIP's tokenizer reads both
+    the same way (whitespace is collapsed, ":" is a token of its own), so the conditioning the text describes is
+    unchanged."""
+    text = re.sub(r"[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+[ \t]*", " ", text)
+    # other control characters (NUL ends a PNG text for many readers) go: CLIP's tokenizer drops them too
+    text = re.sub(r"[\x00-\x08\x0e-\x1b\x1f\x7f]", "", text)
+    return text.replace("Negative prompt:", "Negative prompt :")
+
+
+def quote(value):
+    """A1111's infotext quoting of a value (its infotext_utils.quote): JSON-quoted when it holds ',', ':' or a line
+    break, else as it is."""
+    import json
+
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 def control_text(unit):

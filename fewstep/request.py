@@ -4,12 +4,39 @@ What can be checked without a model is checked here, when the request is made; w
 steps of a schedule, the recipe's defaults) is checked once more by Engine.resolve, before any work.
 """
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import RequestError
 from .recipes import RECIPES, SAMPLERS
 
 MAX_IMAGES = 64
+LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")  # A1111's <lora:NAME:WEIGHT> prompt syntax
+
+
+def split_lora_tags(prompt):
+    """(prompt without <lora:NAME:WEIGHT> tags, {name: weight}); a tag without a weight means 1.0, repeated names
+    add up. The tags resolve to files in fewstep.lora.prompt."""
+    loras = {}
+    for name, weight in LORA_TAG.findall(prompt):
+        try:
+            w = 1.0 if weight in ("", None) else float(weight)
+        except ValueError:
+            raise RequestError(f"<lora:{name}:{weight}>: the weight must be a number") from None
+        loras[name.strip()] = loras.get(name.strip(), 0.0) + w
+    cleaned = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt))).strip(" ,")
+    return cleaned, loras
+
+
+def check_text(value, field):
+    """A prompt must be encodable text: a lone surrogate (JSON's "\\ud800", or argv bytes that are not UTF-8, which
+    Python keeps as surrogates) cannot reach the tokenizer or the PNG metadata. The message leaves the text out (it
+    cannot be printed either)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{field} is not valid Unicode text (a lone surrogate or bytes that are not UTF-8 at "
+                           f"character {e.start})", field=field) from None
 
 
 def classifier_free(guidance, full_lcm=False):
@@ -77,6 +104,12 @@ class GenerateRequest:
         if not prompt or not all(isinstance(p, str) for p in prompt):
             raise RequestError("prompt must be a string or a list of strings", field="prompt")
         object.__setattr__(self, "prompt", tuple(prompt))
+        for p in self.prompt:
+            check_text(p, "prompt")
+        if self.negative_prompt is not None:
+            if not isinstance(self.negative_prompt, str):
+                raise RequestError("negative_prompt must be a string", field="negative_prompt")
+            check_text(self.negative_prompt, "negative_prompt")
         if self.timesteps is not None:
             try:
                 object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from fewstep.cli import main, parse_lora
 from fewstep.images import read_parameters
+from fewstep.lora.apply import lora_hash
 from tests.support.loras import random_lora
 from tests.support.tiny import tiny_sd
 
@@ -95,7 +96,9 @@ def test_model_flag_no_lcm_and_lora_flags(capsys, tmp_path, models):
     assert code == 0, err
     assert "tensors applied" in err and "seed 2" in out
     params = read_parameters(Image.open(tmp_path / "x.png").text["parameters"])
-    assert params["LoRAs"] == "lcm:1, style:0.7"
+    # A1111's way: the LoRA as a tag in the prompt (the --lcm adapter is the recipe's, not named) and its hash
+    assert params["prompt"] == "a cat <lora:style:0.7>"
+    assert params["Lora hashes"] == f"style: {lora_hash(lora)}" and len(lora_hash(lora)) == 12
 
 
 def test_parse_lora_keeps_paths_with_colons():

@@ -11,6 +11,7 @@ import fewstep
 from fewstep.cli import main
 from fewstep.errors import RequestError
 from fewstep.images import read_parameters
+from fewstep.lora.apply import lora_hash
 from fewstep.lora.prompt import adapters_for, split_tags
 from tests.support.loras import ATTENTION, lora_targets, make_lora, random_factors, text_targets
 
@@ -120,7 +121,9 @@ def test_generate_with_lora_flag_and_prompt_tag(capsys, models, tmp_path):
     assert data["loras"] == {"lcm": 1.0, "toy_face": pytest.approx(0.9)}
     assert "LoRA toy_face: kohya (diffusers block names)" in err and "LoRA lcm: diffusers/peft" in err
     params = read_parameters(Image.open(tmp_path / "x.png").text["parameters"])
-    assert params["prompt"] == "a man"
+    # the tag stays where it was typed (A1111's way); the --lora weight joins it as a tag of its own (they add up)
+    assert params["prompt"] == "a <lora:toy_face:0.8> man <lora:toy_face:0.1>"
+    assert params["Lora hashes"] == f"toy_face: {lora_hash(folder / 'toy_face.safetensors')}"
     code = main(["generate", "a <lora:nope:1> man", "--lora-dir", str(folder), "-q"])
     assert code == 2 and "no LoRA named 'nope'" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 """The adapter set an Engine owns: the loaded adapters, the saved base copies of the weights they touch, and the
 signature that prompt embeddings depend on. Everything that changes fused weights goes through it."""
 
+from ..errors import RequestError, ResourceError
 from . import fuse as fusing
 
 
@@ -35,6 +36,19 @@ class AdapterSet:
             if s.recipe is not None and s.weight != 0:
                 return s
         return None
+
+    def nonfinite_error(self, dtype):
+        """The error for an image that decoded to NaN/inf. With style LoRAs active (not a recipe's adapter) it is a
+        request-side problem, theirs: a RequestError naming them (a name's namespace prefix, the server's "serve:",
+        left out); otherwise the dtype's overflow, a ResourceError."""
+        active = [s for s in tuple(self.states.values()) if s.weight != 0 and s.recipe is None]
+        if active:
+            names = ", ".join(f"{s.name.rpartition(':')[2]} ({s.weight:g})" for s in active)
+            return RequestError(f"the decoded image has NaN/inf values with the LoRA(s) {names} active: a LoRA with "
+                                "extreme values, or one used at too high a weight; lower its weight or leave it out",
+                                field="loras")
+        return ResourceError(f"the decoded image has NaN/inf values (VAE overflow in {dtype}): try --dtype fp32 or "
+                             "bf16")
 
     def text_signature(self):
         """What prompt embeddings may depend on: the active adapters, by load identity (not name) and weight.

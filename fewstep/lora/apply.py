@@ -130,8 +130,8 @@ def lora_path(src, weight_name=None):
         files = sorted(path.glob(weight_name or "*.safetensors"))
         if len(files) != 1:
             names = ", ".join(f.name for f in sorted(path.glob("*.safetensors"))) or "none"
-            raise LoadError(f"{src} holds {len(files)} matching LoRA files (.safetensors: {names}): pick one with "
-                            "weight_name (--weight-name) or give the file")
+            raise LoadError(f"{src} holds {len(files)} matching LoRA files (.safetensors: {names}): give the file's "
+                            "path (on the command line: --lora FOLDER/FILE.safetensors; in Python: weight_name=)")
         path = files[0]
     return path
 
@@ -140,6 +140,8 @@ def open_lora(src, *, allow_pickle=False, weight_name=None):
     """A LoraSource from a file, folder or hub id, or from a {name: tensor} dict; header only for safetensors."""
     if isinstance(src, dict):
         tensors = {k: v for k, v in src.items() if isinstance(v, torch.Tensor)}
+        check_dtypes("(state dict)", {k: "F32" if v.is_floating_point() else str(v.dtype).removeprefix("torch.")
+                                      for k, v in tensors.items()})
         return LoraSource("(state dict)", {k: tuple(v.shape) for k, v in tensors.items()}, tensors=tensors)
     path = lora_path(src, weight_name)
     if path.suffix.lower() != ".safetensors":
@@ -157,13 +159,50 @@ def open_lora(src, *, allow_pickle=False, weight_name=None):
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+            kinds = {k: str(v.get_dtype()) for k, v in slices.items()}
             metadata = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LoadError(f"cannot read LoRA {path}: not a complete .safetensors file ({why}); the download may be "
                         "truncated") from None
-    return LoraSource(str(path), shapes, metadata, path=path)
+    source = LoraSource(str(path), shapes, metadata, path=path)
+    check_dtypes(source.label, kinds)
+    return source
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names of floating-point types
+
+
+def check_dtypes(label, dtypes):
+    """Refuse a LoRA holding tensors that are not floating point ({key: safetensors dtype name}): integer or bool
+    weights are not a LoRA's (and would fuse as garbage). An integer network alpha (a count) is accepted."""
+    for key, dtype in dtypes.items():
+        if dtype not in FLOAT_DTYPES and not (key.endswith(".alpha") and dtype.startswith(("I", "U"))):
+            raise LoadError(f"LoRA {label}: tensor {key} holds {dtype} values, not floating point: this is not a "
+                            "LoRA's weights (the file is damaged or not a LoRA)")
+
+
+def lora_hash(path):
+    """A1111's short hash of a LoRA file (its extensions-builtin/Lora network.py): the metadata's sshs_model_hash,
+    else the sha256 of the tensor data after the safetensors header (kohya's "addnet" hash), 12 hex digits."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if str(path).lower().endswith(".safetensors"):  # other files: the whole file's sha256, as A1111
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                given = (json.loads(f.read(n)).get("__metadata__") or {}).get("sshs_model_hash")
+            except (ValueError, AttributeError):
+                given = None
+            if given:
+                return str(given)[:12]
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def read_lora(src, *, allow_pickle=False, weight_name=None):

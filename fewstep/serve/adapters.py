@@ -6,11 +6,12 @@ batches. Adapters stay loaded (at weight 0 when unused) so a switch only re-fuse
 
 import math
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from ..errors import RequestError
-from ..lora.prompt import resolve
+from ..errors import FewstepError, RequestError
+from ..lora.prompt import available, resolve
 
 PREFIX = "serve:"  # engine-side names, apart from the LCM-LoRA ("lcm") and anything loaded by library users
 
@@ -25,12 +26,21 @@ class Adapters:
         self.loaded = OrderedDict()  # name -> (path, mtime) of the file loaded; least recently used first
         self.current = ()  # the set fused now; None after a failed switch (re-applied in full next time)
         self.switches = 0
+        self._hashes = {}  # file stamp -> A1111's short hash
+        self._checked = {}  # file stamp -> None (its header is a LoRA's) or the error refusing it
+        self._lock = threading.Lock()
 
     def available(self):
-        """Names of the LoRA files in the folder."""
-        if self.lora_dir is None:
-            return []
-        return sorted(p.stem for p in Path(self.lora_dir).glob("*.safetensors") if p.is_file())
+        """Names of the usable LoRA files in the folder: links that cannot be read and files whose header is not a
+        LoRA's are left out (headers are read once per file version)."""
+        out = []
+        for name in available(self.lora_dir):
+            try:
+                self._inspect(name, resolve(name, self.lora_dir))
+            except (OSError, FewstepError):
+                continue
+            out.append(name)
+        return out
 
     def check(self, loras):
         """A request's {name: weight} as a canonical adapter set (sorted (name, weight) pairs, zeros dropped).
@@ -42,7 +52,8 @@ class Adapters:
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or abs(weight) > self.max_weight:
                 raise RequestError(f"LoRA {name!r}: the weight must be a number in [-{self.max_weight:g}, "
                                    f"{self.max_weight:g}], got {weight!r}")
-            resolve(name, self.lora_dir)  # plain names that exist in the folder, nothing else
+            # plain names of readable LoRA files, nothing else; a missing one is told the names the listing has
+            self._inspect(name, resolve(name, self.lora_dir, offer=self.available))
             if weight != 0:
                 out[name] = float(weight)
         if len(out) > self.max_per_request:
@@ -68,11 +79,58 @@ class Adapters:
                     self._unload(next(n for n in self.loaded if n not in wanted))
                 path = resolve(name, self.lora_dir)
                 stamp = _stamp(path)
-                self.engine.load_lora(str(path), name=PREFIX + name, weight=weight)
+                try:
+                    self.engine.load_lora(str(path), name=PREFIX + name, weight=weight)
+                except FewstepError as e:  # clients see the LoRA's name, never the server's paths
+                    raise self._named(e, name, path) from None
                 self.loaded[name] = stamp
             self.loaded.move_to_end(name)
         self.current = target
         self.switches += 1
+
+    def _inspect(self, name, path):
+        """Refuse a file whose header is not a LoRA's (truncated, integer tensors) on the request's thread, before
+        it queues; cached per file version (a header read costs milliseconds, the cache makes it free)."""
+        from ..lora.apply import open_lora
+
+        stamp = _stamp(path)
+        with self._lock:  # request threads share the cache
+            known = stamp in self._checked
+            refusal = self._checked.get(stamp)
+        if not known:
+            try:
+                open_lora(str(path))
+            except FewstepError as e:
+                refusal = self._named(e, name, path)
+            with self._lock:
+                self._checked[stamp] = refusal
+                while len(self._checked) > 1024:  # versions of files long replaced
+                    del self._checked[next(iter(self._checked))]
+        if refusal is not None:
+            raise refusal
+
+    def hashes(self, names):
+        """{name: A1111's short hash} of the named LoRA files (cached per file version); for PNG metadata."""
+        from ..lora.apply import lora_hash
+
+        out = {}
+        for name in names:
+            try:
+                stamp = _stamp(resolve(name, self.lora_dir))
+                if stamp not in self._hashes:
+                    self._hashes[stamp] = lora_hash(stamp[0])
+                out[name] = self._hashes[stamp]
+            except (OSError, FewstepError):  # removed since it ran: the metadata goes without its hash
+                continue
+        return out
+
+    def _named(self, error, name, path):
+        """The error with the file's path (and the folder's) replaced by the LoRA's name."""
+        message = str(error).replace(str(path), repr(name)).replace(self.lora_dir, "the LoRA folder")
+        out = type(error)(message)
+        if isinstance(error, RequestError):
+            out.field = error.field
+        return out
 
     def unload_all(self):
         """Take every adapter this server loaded out of the engine (weights restored exactly)."""

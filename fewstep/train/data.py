@@ -53,7 +53,7 @@ class ImageFolder:
         meta = self.root / "metadata.jsonl"
         items, named = [], {}
         if meta.is_file():
-            for n, line in enumerate(meta.read_text().splitlines(), 1):
+            for n, line in enumerate(read_caption(meta).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -72,7 +72,7 @@ class ImageFolder:
             for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
                 txt = path.with_suffix(".txt")
                 if txt.is_file() and cond_dir not in path.parents:
-                    items.append((path, txt.read_text().strip()))
+                    items.append((path, read_caption(txt).strip()))
         if not items:
             raise TrainError(f"{root} has no training images: add metadata.jsonl lines {{\"file_name\": ..., "
                              "\"text\": ...}} or a .txt caption next to each image")
@@ -161,11 +161,23 @@ class TarShards:
 
     def __getitem__(self, i):
         s, io_, isz, co, csz, is_json = (int(v) for v in self.index[i])
-        caption = self._read(s, co, csz).decode("utf-8", errors="replace")
+        caption = self._read(s, co, csz).decode("utf-8-sig", errors="replace")
         if is_json:
             rec = json.loads(caption)
             caption = rec.get("caption", rec.get("text", ""))
         return read_image(self._read(s, io_, isz), f"{self.paths[s]}#{i}"), caption.strip()
+
+
+def read_caption(path):
+    """A caption file's text (a .txt caption, metadata.jsonl) as UTF-8, a byte-order mark accepted (Windows editors
+    write one); a file that is not UTF-8 is refused in one line naming the file and the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise TrainError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}): save the captions as "
+                         "UTF-8") from None
 
 
 def read_image(data, name):
