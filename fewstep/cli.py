@@ -12,6 +12,8 @@ from . import speed_cli as speed
 from .errors import FewstepError, RequestError
 from .recipes import RECIPES, SAMPLERS
 
+MAX_STEPS = 1000  # the training schedule's length: no sampler runs more steps than it has timesteps
+MAX_STEP_COUNTS = 64  # counts in one --steps range (an image and a grid cell each)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # as fewstep.schedules (which imports torch)
 
 log = logging.getLogger("fewstep")
@@ -19,7 +21,7 @@ log = logging.getLogger("fewstep")
 # Subcommand modules: each has add_parser(subparsers), which sets `func` to its handler(args) -> exit code.
 # Their top-level imports stay light (no torch), so `fewstep --help` is fast.
 SUBCOMMANDS = ["fewstep.lora.cli", "fewstep.serve.cli", "fewstep.train.cli", "fewstep.bench",
-               "fewstep.worlds.shapes.cli", "fewstep.recipes_cli"]
+               "fewstep.worlds.shapes.cli", "fewstep.recipes_cli", "fewstep.stream_cli"]
 
 
 def parse_steps(text):
@@ -29,10 +31,15 @@ def parse_steps(text):
             a, b = (int(x) for x in text.split("-", 1))
             if a < 1 or b < a:
                 raise ValueError
-            return list(range(a, b + 1))
-        return [int(text)]
+            counts = list(range(a, b + 1))
+        else:
+            counts = [int(text)]
     except ValueError:
         raise RequestError(f"--steps takes a number or a range like 1-8, got {text!r}") from None
+    if counts[-1] > MAX_STEPS or len(counts) > MAX_STEP_COUNTS:
+        raise RequestError(f"--steps {text}: at most {MAX_STEPS} steps and {MAX_STEP_COUNTS} counts in a range "
+                           "(one image each)")
+    return counts
 
 
 def parse_timesteps(text):
@@ -110,14 +117,20 @@ def read_image(path, flag, noun, mode="RGB"):
     """A PIL image from a file (in `mode`; None: as stored), or one clear error naming the flag."""
     from PIL import Image, UnidentifiedImageError
 
+    from .images import regular_file
+
     try:
-        with Image.open(local_path_of(path)) as im:
+        with Image.open(regular_file(local_path_of(path))) as im:  # a FIFO is refused, never waited on
             if mode is None:
                 im.load()
                 return im.copy()
             return im.convert(mode)
     except FileNotFoundError:
         raise RequestError(f"{flag}: cannot read {noun} {path}: it does not exist") from None
+    except Image.DecompressionBombError:
+        from .images import bomb_reason
+
+        raise RequestError(f"{flag}: cannot read {noun} {path}: {bomb_reason()}") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RequestError(f"{flag}: cannot read {noun} {path} as an image ({reason})") from None
@@ -214,6 +227,37 @@ def output_paths(out, n, stem):
     return paths
 
 
+def check_out(out):
+    """Refuse an --out that cannot be written before any work: a folder that cannot be made or written, a file
+    where a folder is wanted, a .png name in a folder that cannot be. Makes the folder (it is made anyway)."""
+    import os
+
+    out = Path(out)
+    folder = out.parent if out.suffix.lower() == ".png" else out
+    if out.suffix.lower() == ".png" and out.is_dir():
+        raise RequestError(f"--out {out}: is a folder, not a .png file name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RequestError(f"--out {out}: {folder} is a file, not a folder") from None
+    except OSError as e:
+        raise RequestError(f"--out {out}: cannot make the folder {folder} ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RequestError(f"--out {out}: the folder {folder} is not writable")
+
+
+def check_steps(engine, req, step_counts):
+    """Every step count of --steps, resolved by the engine before the first image: a count past the schedule is
+    found before any work, not after the images before it were made."""
+    from dataclasses import replace
+
+    for steps in step_counts:
+        try:
+            engine.schedule(engine.resolve(replace(req, steps=steps))[0])
+        except RequestError as e:
+            raise RequestError(f"--steps {steps}: {e}") from None
+
+
 def cmd_generate(args):
     import fewstep
 
@@ -224,6 +268,7 @@ def cmd_generate(args):
 
     from .recipes import detect
 
+    check_out(args.out)
     step_counts = parse_steps(args.steps) if args.steps else [None]
     timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
     if timesteps and args.steps:
@@ -286,6 +331,7 @@ def cmd_generate(args):
         if args.verbose:
             log.info(report.summary() + (f" (recipe {recipe})" if recipe else ""))
     req = replace(req, control=load_controls(engine, controls, args.allow_pickle))
+    check_steps(engine, req, step_counts)
     runs, total = [], 0
     bar = None
     if not args.quiet:
@@ -318,6 +364,7 @@ def cmd_generate(args):
     for result in runs:
         params = dict(inpaint_params(req), **result.params, version=__version__,
                       timesteps=result.timesteps if timesteps else None)
+        params.update(lora_params(engine, args.prompt, loras))
         for image, s in zip(result.images, result.seeds):
             save_png(image, paths[k], parameters_text(params, s))
             records.append(dict(path=str(paths[k]), seed=s, steps=result.steps_run, timesteps=result.timesteps))
@@ -331,7 +378,8 @@ def cmd_generate(args):
         if Path(args.out).suffix.lower() == ".png":
             grid_path = Path(args.out).with_name(f"{Path(args.out).stem}-grid.png")
         save_png(grid(all_images, labels, cols), grid_path,
-                 parameters_text(dict(runs[0].params, version=__version__, steps=args.steps), seed))
+                 parameters_text(dict(runs[0].params, version=__version__, steps=args.steps)
+                                 | lora_params(engine, args.prompt, loras), seed))
     if args.json:
         print(json.dumps(dict(
             model=engine.c.name, arch=engine.arch, device=str(engine.device), dtype=str(engine.dtype).split(".")[-1],
@@ -366,6 +414,22 @@ def cmd_generate(args):
                 print(f"timings ({r.steps_run} steps): text {t['text']:.3f}s, steps [{steps}]s, decode "
                       f"{t['decode']:.3f}s, total {t['total']:.3f}s")
     return 0
+
+
+def lora_params(engine, prompt, loras):
+    """The metadata fields of the LoRAs, as the server writes them (fewstep.images.parameters_text): the prompt as
+    typed (its tags stay), the adapters the user named (the built-in LCM-LoRA is the recipe's, not named) and
+    A1111's short hashes of their files."""
+    from .lora.apply import lora_hash, lora_path
+
+    hashes = {}
+    for src, _, name in loras:
+        try:
+            hashes[name] = lora_hash(lora_path(src))
+        except (OSError, FewstepError):  # not a file (a state dict, a pickle folder): no hash to give
+            continue
+    named = {name: engine.loras[name].weight for _, _, name in loras if engine.loras[name].weight != 0}
+    return dict(prompt=prompt, loras=named, lora_hashes=hashes)
 
 
 def load_controls(engine, controls, allow_pickle):

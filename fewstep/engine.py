@@ -13,7 +13,7 @@ import torch
 
 from . import latents, sampling, schedules, text
 from .denoiser import guidance_embedding, make_denoiser
-from .errors import RequestError, ResourceError
+from .errors import Cancelled, RequestError, ResourceError
 from .recipes import SAMPLERS, get_recipe
 from .request import GenerateRequest, classifier_free
 from .speed import OnDevice, cudnn_benchmark
@@ -190,14 +190,23 @@ class Engine:
         del self.controlnets[name]
 
     # ---- generation --------------------------------------------------------------------------------------------
-    def generate(self, prompt="", *, callback=None, **kw):
+    def generate(self, prompt="", *, callback=None, cancel=None, preview=None, **kw):
         """Generate images; keyword arguments are GenerateRequest fields. Returns a Generation.
 
         callback(step_index, total_steps) runs after each step; raising fewstep.errors.Cancelled in it stops the
-        work at once (a server does this when its client has gone).
+        work at once. cancel (a threading.Event or a callable returning True) stops it within a fraction of a step:
+        it is checked before every UNet and ControlNet block (see StopHooks) and between steps. preview(i, x0) gets
+        each step's predicted clean latents (a server's progress preview).
         """
         req = kw.pop("request", None) or GenerateRequest(prompt=prompt, **kw)
-        return self.run(req, callback=callback)
+        return self.run(req, callback=callback, cancel=cancel, preview=preview)
+
+    def stream(self, prompt="", **kw):
+        """A fewstep.stream.Stream over this engine: image-to-image on a sequence of frames, the frames in flight
+        denoised together (stream batch); keyword arguments as Stream's."""
+        from .stream import Stream
+
+        return Stream(self, prompt, **kw)
 
     def resolve(self, req):
         """(the request with this model's defaults filled in and its rules checked, warnings); reads no mutable
@@ -309,12 +318,13 @@ class Engine:
         return schedules.euler_schedule(ns, req.steps, strength=strength, spacing=r.spacing)
 
     @torch.no_grad()
-    def run(self, req, *, callback=None):
-        """Run a GenerateRequest."""
-        with cudnn_benchmark(self.speed.cudnn_benchmark):
-            return self._run(req, callback)
+    def run(self, req, *, callback=None, cancel=None, preview=None):
+        """Run a GenerateRequest (callback, cancel and preview: see generate)."""
+        stop = StopHooks(self, cancel)
+        with cudnn_benchmark(self.speed.cudnn_benchmark), stop:
+            return self._run(req, stop.wrap(callback), preview)
 
-    def _run(self, req, callback):
+    def _run(self, req, callback, preview=None):
         t_start = time.perf_counter()
         if req.init_image is not None and req.strength is None:
             # img2img keeps most of the image; inpainting repaints the masked region from noise (diffusers' 1.0)
@@ -364,6 +374,14 @@ class Engine:
         t0 = time.perf_counter()
         denoise = self.denoiser(prompts, req, concat=concat, control=control)
         timings["text"] = time.perf_counter() - t0
+        x0 = [None]
+        if preview is not None:
+            inner = denoise
+
+            def denoise(x, t, alpha):  # the same denoiser, its x0 kept for the preview
+                out = inner(x, t, alpha)
+                x0[0] = out[0]
+                return out
         sched = sched.to(dev)
 
         step_times = []
@@ -375,6 +393,8 @@ class Engine:
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now
+            if preview is not None:
+                preview(i, x0[0])
             if callback:
                 callback(i, len(sched))
 
@@ -469,24 +489,26 @@ class Engine:
         retrieve_latents(vae.encode(x), generator) for each image (img2img and inpainting share it)."""
         vae = self.c.vae
         with OnDevice(self, vae):
-            dist = vae.encode(x.to(self.device, vae.dtype)).latent_dist
+            x = x.to(self.device, vae.dtype)
+            dist = self.fast.encode_fn(x) if self.fast.encode_fn else vae.encode(x).latent_dist  # (a backend's)
         mean, std = dist.mean.float(), dist.std.float()
         samples = [mean + std * torch.randn(mean.shape, generator=g).to(self.device) for g in gens]
         return latents.to_unet(vae, torch.cat(samples))
 
-    def decode(self, x):
-        """PIL images from latents, one image at a time (the decoder's activations dominate memory)."""
+    def decode(self, x, decoder=None):
+        """PIL images from latents, one image at a time (the decoder's activations dominate memory); decoder: another
+        than the fast path's (a stream's tiny autoencoder)."""
         from PIL import Image
 
-        dec = self.decoder
+        dec = decoder or self.decoder
+        decode_fn = self.decode_fn if decoder is None else decoder.decode
         images = []
         for i in range(len(x)):
             with OnDevice(self, dec):
-                out = self.decode_fn(latents.to_vae(dec, x[i:i + 1]).to(dec.dtype), return_dict=False)[0]
+                out = decode_fn(latents.to_vae(dec, x[i:i + 1]).to(dec.dtype), return_dict=False)[0]
             out = out.float()
             if self.check_finite and not torch.isfinite(out).all():
-                raise ResourceError(f"the decoded image has NaN/inf values (VAE overflow in {dec.dtype}): "
-                                    "try --dtype fp32 or bf16")
+                raise self.adapters.nonfinite_error(dec.dtype)  # the active LoRAs' (named), or the dtype's
             arr = ((out / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
             images.append(Image.fromarray(arr))
         return images
@@ -511,6 +533,61 @@ class Engine:
         vae_ch = self.c.vae.config.block_out_channels[0]
         decode = req.height * req.width * vae_ch * 8 * 4
         return unet + decode
+
+
+class StopHooks:
+    """Cancellation within a step: forward pre-hooks on the UNet's down, mid and up blocks and on the loaded
+    ControlNets raise Cancelled once `cancel` is set, so a dropped request stops after the block that is running,
+    not after the whole step (a 1024 px step on a CPU takes a minute). Compiled and CUDA-graph UNets run no Python
+    between their kernels: there (and for other backends' callables) only the per-step check runs."""
+
+    def __init__(self, engine, cancel):
+        self.engine = engine
+        self.is_set = None if cancel is None else getattr(cancel, "is_set", cancel)
+        self.handles = []
+        self.blocks = 0  # blocks started while hooked (tests and reports)
+
+    def check(self, *_):
+        if self.is_set is not None and self.is_set():
+            raise Cancelled("the work was cancelled")
+
+    def hook(self, *_):
+        self.check()
+        self.blocks += 1
+
+    def wrap(self, callback):
+        """callback, preceded by the per-step check."""
+        if self.is_set is None:
+            return callback
+
+        def checked(i, n):
+            self.check()
+            if callback:
+                callback(i, n)
+
+        return checked
+
+    def modules(self):
+        e = self.engine
+        if e.unet_fn is not e.c.unet:  # compiled, graphed or another backend: hooks would not run (or recompile)
+            return []
+        unet = e.c.unet
+        out = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        for net in e.controlnets.values():
+            out += [net, *net.down_blocks, net.mid_block]
+        return [m for m in out if m is not None]
+
+    def __enter__(self):
+        if self.is_set is not None:
+            self.check()
+            self.handles = [m.register_forward_pre_hook(self.hook) for m in self.modules()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False
 
 
 class _on_devices:

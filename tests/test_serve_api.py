@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fewstep.images import read_parameters
+from fewstep.lora.apply import lora_hash
 from fewstep.serve.config import ServeConfig
 from tests.support.images import assert_close_images
 from tests.support.serve import LiveServer, decode_png, default_engine
@@ -79,7 +80,7 @@ def test_openai_loras_field_and_prompt_tags_pick_adapters(served):
     a, b, c = (decode_png(d["b64_json"]) for d in (plain, styled, tagged))
     assert np.abs(pixels(a) - pixels(b)).max() > 5
     assert np.array_equal(pixels(b), pixels(c)) and tagged["revised_prompt"] == "a red circle"
-    assert read_parameters(b.text["parameters"])["LoRAs"] == "style:1"
+    assert read_parameters(b.text["parameters"])["prompt"] == "a red circle <lora:style:1>"  # A1111's way
 
 
 def test_openai_url_response_format(served):
@@ -105,11 +106,13 @@ def test_a1111_txt2img(served):
     info = json.loads(body["info"])
     assert info["seed"] == 7 and info["all_seeds"] == [7, 8] and info["steps"] == 3
     assert info["sampler_name"] == "LCM" and (info["width"], info["height"]) == (SMALL, 48)
-    assert info["extra_generation_params"] == {"LoRAs": {"style": 0.5}} and len(info["infotexts"]) == 2
+    style_hash = lora_hash(served.state.adapters.lora_dir + "/style.safetensors")
+    assert info["extra_generation_params"] == {"Lora hashes": f"style: {style_hash}"} and len(info["infotexts"]) == 2
     image = decode_png(body["images"][1])
     assert image.size == (SMALL, 48)
     params = read_parameters(image.text["parameters"])
-    assert params["Seed"] == "8" and params["prompt"] == "a red circle" and params["LoRAs"] == "style:0.5"
+    assert params["Seed"] == "8" and params["prompt"] == "a red circle <lora:style:0.5>"
+    assert params["Lora hashes"] == f"style: {style_hash}"
 
 
 def test_a1111_random_seed_and_defaults(served):
@@ -142,7 +145,7 @@ def test_what_clients_ask_first(served):
     assert [s["name"] for s in c.get("/sdapi/v1/samplers").json()] == ["LCM", "TCD", "Euler", "Euler a", "DDIM"]
     assert c.get("/sdapi/v1/loras").json() == [{"name": "style", "alias": "style"}]
     assert c.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "shapes-teacher-v1"
-    assert c.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": "shapes-teacher-v1"}
+    assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes-teacher-v1"
     info = c.get("/api/info").json()
     assert info["native_size"] == 64 and info["size_step"] == 4 and info["loras"] == ["style"]
     assert info["defaults"] == {"sampler": "lcm", "steps": 4, "guidance": 1.0}

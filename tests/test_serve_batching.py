@@ -35,7 +35,9 @@ class FakeEngine:
     def unload_lora(self, name):
         del self.loras[name]
 
-    def run(self, req, *, callback=None):
+    full_lcm, vae_factor = False, 8  # what admission control reads
+
+    def run(self, req, *, callback=None, cancel=None, preview=None):
         fused = {n[len(PREFIX):]: s.weight for n, s in self.loras.items() if s.weight}
         self.calls.append(dict(prompts=list(req.prompt), seeds=list(req.seeds), loras=fused, steps=req.steps))
         if self.fail_on and self.fail_on in req.prompt:
@@ -43,16 +45,22 @@ class FakeEngine:
         for i in range(req.steps):
             time.sleep(self.delay)
             self.steps += 1
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
             if callback:
                 callback(i, req.steps)
         images = [(p, s, tuple(sorted(fused.items()))) for p, s in zip(req.prompt, req.seeds)]
-        return SimpleNamespace(images=images, params={"model": "fake"}, warnings=[])
+        return SimpleNamespace(images=images, params={"model": "fake"}, warnings=[], timings={})
 
 
 @pytest.fixture
 def lora_dir(tmp_path):
-    for name in ("a", "b", "c"):
-        (tmp_path / f"{name}.safetensors").write_bytes(b"")  # the fake engine never reads them
+    import torch
+    from safetensors.torch import save_file
+
+    for name in ("a", "b", "c"):  # the fake engine never fuses them; the adapter set reads their headers
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 1)},
+                  str(tmp_path / f"{name}.safetensors"))
     return tmp_path
 
 
@@ -289,9 +297,9 @@ def test_calls_run_on_the_engine_thread_with_their_adapters_and_take_turns_with_
     calls = [b.call(frame(i), loras=(("a", 0.5),)) for i in range(4)]
     engine_run = engine.run
 
-    def run(req, callback=None):
+    def run(req, callback=None, **kw):
         order.append(("batch", req.prompt[0]))
-        return engine_run(req, callback=callback)
+        return engine_run(req, callback=callback, **kw)
 
     engine.run = run
     b.start()

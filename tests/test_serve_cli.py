@@ -39,6 +39,8 @@ def test_help_lists_the_flags(capsys):
     (["--queue-size", "2", "--max-images", "4"], "--queue-size must be >= --max-images"),
     (["--api-key", "short"], "--api-key must be at least 8"),
     (["--port", "70000"], "--port must be in 0..65535"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such file or folder"),
+    (["--model-memory", "0"], "--model-memory must be a number of GiB > 0"),
 ])
 def test_startup_mistakes_are_one_line_errors(capsys, argv, message):
     code, err = serve(capsys, *argv)
@@ -83,4 +85,16 @@ def test_fewstep_serve_starts_serves_and_stops(tmp_path):
     err = proc.stderr.read()
     assert code == 0, err
     assert f"serving shapes-teacher-v1 (cpu, float32) on http://127.0.0.1:{port}/" in err
+    # the port answered before the model was in, and the load said what it was doing
+    assert err.index(f"listening on http://127.0.0.1:{port}/") < err.index("loading model shapes-teacher-v1")
+    assert err.index("loading model shapes-teacher-v1") < err.index("serving shapes-teacher-v1")
     assert err.rstrip().endswith("fewstep: stopped")
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_a_one_line_error(capsys, tmp_path):
+    # the port is bound and announced first; the load fails in the background and the server exits with its error
+    code, err = serve(capsys, "--model", tmp_path, "--port", 0, "--device", "cpu", "--dtype", "fp32")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("fewstep: listening on http://127.0.0.1:")
+    assert lines[-1].startswith("fewstep: error: ") and "model_index.json" in lines[-1]
+    assert "Traceback" not in err

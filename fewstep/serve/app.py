@@ -25,9 +25,11 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..errors import Cancelled, FewstepError, LoadError, ResourceError
 from ..recipes import RECIPES, SAMPLERS
-from . import dialects
+from ..request import classifier_free
+from . import a1111, admission, dialects, lifecycle, sse, stream
 from .adapters import Adapters
-from .batcher import Batcher, GenerationFailed, QueueFull, TimedOut
+from .admission import OverBudget
+from .batcher import Batcher, GenerationFailed, Interrupted, QueueFull, Target, TimedOut
 from .config import ServeConfig
 from .controlnets import ControlNets
 from .metrics import Metrics
@@ -45,28 +47,71 @@ class ClientGone(Exception):
 
 
 class Server:
-    """Everything one app holds: the engine (touched only by the batcher's thread), limits, metrics, adapters."""
+    """Everything one app holds: the engine (touched only by the batcher's thread), limits, metrics, adapters.
 
-    def __init__(self, engine, config):
-        self.engine = engine
-        self.config = config
+    engine None: the models (fewstep.serve.models.Models) load in the background once the app starts, while
+    /health answers "loading"; engine, adapters, controlnets and config are those of the current model."""
+
+    def __init__(self, engine, config, models=None):
+        self.base_config = config
         self.metrics = Metrics()
-        self.adapters = Adapters(engine, config.lora_dir, max_weight=config.max_lora_weight,
-                                 max_per_request=config.max_loras, max_loaded=config.loaded_loras)
-        self.controlnets = ControlNets(engine, allow_pickle=config.allow_pickle)
-        self.batcher = Batcher(engine, self.adapters, max_batch=config.max_batch, max_wait=config.max_wait,
-                               queue_size=config.queue_size, metrics=self.metrics, controlnets=self.controlnets)
-        self.metrics.watch(self.batcher)
-        self.model = engine.c.name
+        self.models = models
+        self.batcher = None
+        self.loading = lifecycle.Loading()
         self.created = int(time.time())
+        if engine is not None:
+            self.ready(self.build(engine.c.name, engine))
         self.files = OrderedDict()  # token -> PNG bytes, for response_format "url"
         # decoded uploads by content: the same image sent twice is the same object, so its requests may batch
         self.images = OrderedDict()
         self._images_lock = threading.Lock()
 
+    def build(self, name, engine):
+        """The batcher's Target of one loaded model: its adapters, ControlNets, limits (fewstep.serve.lifecycle)."""
+        config = lifecycle.model_config(self.base_config, engine)
+        adapters = Adapters(engine, config.lora_dir, max_weight=config.max_lora_weight,
+                            max_per_request=config.max_loras, max_loaded=config.loaded_loras)
+        return Target(engine, adapters, ControlNets(engine, allow_pickle=config.allow_pickle), config=config,
+                      name=name)
+
+    def ready(self, target):
+        """Serve `target` (the first model, or another one a client picked)."""
+        if self.batcher is None:
+            c = self.base_config
+            self.batcher = Batcher(target.engine, target.adapters, max_batch=c.max_batch, max_wait=c.max_wait,
+                                   queue_size=c.queue_size, metrics=self.metrics, controlnets=target.controlnets)
+            self.metrics.watch(self.batcher)
+        self.batcher.target = target
+        self.loading.done()
+
+    @property
+    def target(self):
+        return None if self.batcher is None else self.batcher.target
+
+    @property
+    def engine(self):
+        return None if self.batcher is None else self.batcher.engine
+
+    @property
+    def adapters(self):
+        return self.target.adapters
+
+    @property
+    def controlnets(self):
+        return self.target.controlnets
+
+    @property
+    def config(self):
+        """The current model's settings (its default --max-size derived from its native size)."""
+        return self.base_config if self.batcher is None else self.target.config
+
+    @property
+    def model(self):
+        return self.target.name
+
     def decode(self, data, param, mode="RGB"):
         """A base64 upload (str) or a file's bytes as a PIL image, checked (422 naming `param`), kept a while."""
-        raw = data.encode() if isinstance(data, str) else data
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data  # a key; decode refuses
         key = (hashlib.sha256(raw).digest(), isinstance(data, str), mode)
         with self._images_lock:
             if key in self.images:
@@ -143,6 +188,8 @@ class Gate:
         return False
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self._socket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = [500]
@@ -159,8 +206,25 @@ class Gate:
             label = getattr(route, "path", "other")
             self.server.metrics.requests.labels(label, str(status[0])).inc()
 
+    async def _socket(self, scope, receive, send):
+        """WebSockets (/v1/stream): the same key, also as ?key= or a subprotocol (browsers cannot set headers)."""
+        offered = stream.offered_key(scope)
+        if self.key and not self.authorized(scope) and not (offered and hmac.compare_digest(offered, self.key)):
+            self.server.metrics.refused.labels("unauthorized").inc()
+            response = error(401, "a valid API key is required: send Authorization: Bearer KEY, the subprotocol "
+                                  "fewstep.key.BASE64URL_KEY or ?key=KEY",
+                             headers={"WWW-Authenticate": 'Bearer realm="fewstep"'})
+            return await stream.deny(scope, receive, send, response)
+        await self.app(scope, receive, send)
+
     async def _call(self, scope, receive, send):
         path, metrics, limit = scope["path"], self.server.metrics, self.server.config.max_body_bytes
+        if (not self.server.loading.ready and path not in OPEN_PATHS and not path.startswith("/static/")
+                and path != lifecycle.PROGRESS):
+            _, body = self.server.loading.health()  # nothing but /health and the page until the model is in
+            response = error(503, f"the server is {body['status']} ({body['stage']}): retry when GET /health "
+                                  "answers 200", headers={"Retry-After": "2"})
+            return await response(scope, receive, send)
         if self.key and path not in OPEN_PATHS and not path.startswith("/static/") and not self.authorized(scope):
             metrics.refused.labels("unauthorized").inc()
             response = error(401, "a valid API key is required: send the header Authorization: Bearer KEY",
@@ -185,23 +249,40 @@ class Gate:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(engine, config=None):
-    """The FastAPI app serving `engine`; its batcher starts and stops with the app's lifespan."""
+def create_app(engine, config=None, *, models=None, warmup=True, announce=None):
+    """The FastAPI app serving `engine`; its batcher starts and stops with the app's lifespan.
+
+    engine None: `models` (fewstep.serve.models.Models) load their current model once the app starts, warmed up
+    unless warmup is False, while /health answers 503 "loading"; announce(kind, text) hears how it goes."""
     config = config or ServeConfig()
-    server = Server(engine, config)
+    server = Server(engine, config, models)
+    server.warmup = warmup
 
     @asynccontextmanager
     async def lifespan(app):
-        server.batcher.start()
+        if server.batcher is not None:
+            server.batcher.start()
+        else:
+            lifecycle.start_loading(server, warmup=warmup, announce=announce)
         try:
             yield
         finally:
-            await run_in_threadpool(server.batcher.close)
+            if server.loading.state == "loading":
+                server.loading.fail(Cancelled("the server stopped while loading"))
+            if server.batcher is not None:
+                await run_in_threadpool(server.batcher.close)
 
     app = FastAPI(title="fewstep", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(Gate, server=server)
+    if config.cors_origins:  # outside the Gate: a preflight carries no key, and refusals keep their CORS headers
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(a1111.router(server))  # the A1111 listings clients read at start-up
+    app.include_router(lifecycle.router(server, dialects.Invalid))  # /health, progress, interrupt, options, models
     refused = server.metrics.refused
 
     # ---- errors --------------------------------------------------------------------------------------------------
@@ -228,6 +309,14 @@ def create_app(engine, config=None):
         refused.labels("queue_full").inc()
         return error(429, str(e), headers={"Retry-After": str(e.retry_after)})
 
+    @app.exception_handler(OverBudget)
+    async def on_over_budget(request, e):
+        refused.labels("over_budget").inc()
+        response = error(422, str(e), "size", "over the time budget of --timeout")
+        body = json.loads(response.body)
+        body["error"].update(estimate_seconds=round(e.estimate, 1), limit_seconds=e.limit, fits=e.fits)
+        return JSONResponse(body, status_code=422)
+
     @app.exception_handler(TimedOut)
     async def on_timeout(request, e):
         refused.labels("timeout").inc()
@@ -240,6 +329,8 @@ def create_app(engine, config=None):
 
     @app.exception_handler(FewstepError)
     async def on_fewstep(request, e):
+        if isinstance(e, Interrupted):  # a client's /interrupt: not a fault to retry
+            return error(409, str(e))
         if isinstance(e, Cancelled):
             return error(503, str(e))
         if isinstance(e, ResourceError):
@@ -256,12 +347,14 @@ def create_app(engine, config=None):
     @app.post("/v1/images/generations")
     async def openai_generations(body: dialects.OpenAIImages, request: Request):
         spec = dialects.openai_spec(server, body)
+        if body.stream:
+            return await sse.respond(server, spec, body, "image_generation")
         result = await server.generate(request, spec, "openai")
         return await openai_reply(request, body, spec, result)
 
     async def openai_reply(request, body, spec, result):
         """The OpenAI images answer: PNGs with metadata, inline (b64_json) or kept for their URLs."""
-        pngs = await run_in_threadpool(dialects.encode_all, result)
+        pngs = await run_in_threadpool(dialects.encode_all, result, server.adapters)
         urls = None
         if body.response_format == "url":
             urls = [str(request.url_for("image_file", token=server.keep(png))) for png in pngs]
@@ -278,11 +371,25 @@ def create_app(engine, config=None):
     async def openai_edits(request: Request):
         body, image, mask = await edit_form(request)
         spec = await run_in_threadpool(dialects.openai_edit_spec, server, body, image, mask)
+        return await openai_image_reply(request, body, spec)
+
+    @app.post("/v1/images/variations")
+    async def openai_variations(request: Request):
+        body, image, mask = await edit_form(request, dialects.OpenAIVariations)
+        if mask is not None:
+            raise dialects.Invalid("mask", "variations take no mask: use /v1/images/edits to edit an area")
+        spec = await run_in_threadpool(dialects.openai_variation_spec, server, body, image)
+        return await openai_image_reply(request, body, spec)
+
+    async def openai_image_reply(request, body, spec):
+        if body.stream:
+            return await sse.respond(server, spec, body, "image_edit")
         result = await server.generate(request, spec, "openai")
         return await openai_reply(request, body, spec, result)
 
-    async def edit_form(request):
-        """The multipart form of /v1/images/edits: (OpenAIEdits, image RGBA, mask or None), each checked."""
+    async def edit_form(request, kind=dialects.OpenAIEdits):
+        """The multipart form of /v1/images/edits and /variations: (body, image RGBA, mask or None), each
+        checked. Nested fields come as the openai SDK sends extra_body in a form: loras[NAME]=WEIGHT (or JSON)."""
         from pydantic import ValidationError
 
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -294,8 +401,11 @@ def create_app(engine, config=None):
                 fields["loras"] = json.loads(fields["loras"])
             except ValueError:
                 raise dialects.Invalid("loras", 'must be a JSON object like {"name": 0.8}') from None
+        tagged = {k[6:-1]: fields.pop(k) for k in list(fields) if k.startswith("loras[") and k.endswith("]")}
+        if tagged:
+            fields["loras"] = dict(fields.get("loras") or {}, **tagged)
         try:
-            body = dialects.OpenAIEdits.model_validate(fields)
+            body = kind.model_validate(fields)
         except ValidationError as e:
             first = e.errors()[0]
             param = ".".join(str(x) for x in first.get("loc", ())) or None
@@ -335,14 +445,10 @@ def create_app(engine, config=None):
 
     async def a1111_run(body, spec, request):
         result = await server.generate(request, spec, "a1111")
-        pngs = await run_in_threadpool(dialects.encode_all, result)
+        pngs = await run_in_threadpool(dialects.encode_all, result, server.adapters)
         return dialects.a1111_response(body, spec, result, pngs, server.model)
 
     # ---- what clients ask before generating ----------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
     @app.get("/metrics")
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -354,22 +460,19 @@ def create_app(engine, config=None):
         return {"object": "list", "data": [{"id": server.model, "object": "model", "created": server.created,
                                             "owned_by": "fewstep"}]}
 
-    @app.get("/sdapi/v1/sd-models")
-    async def sd_models():
-        return [{"title": server.model, "model_name": server.model, "hash": None, "sha256": None,
-                 "filename": server.model, "config": None}]
-
-    @app.get("/sdapi/v1/samplers")
-    async def samplers():
-        return [{"name": s.label, "aliases": [s.name, *s.aliases], "options": {}} for s in SAMPLERS.values()]
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        """OpenAI's models.retrieve: one entry of /v1/models, or 404."""
+        listed = (await models())["data"]
+        found = next((m for m in listed if m["id"] == model_id), None)
+        if found is None:
+            return error(404, f"no model {model_id!r} here (this server has {', '.join(m['id'] for m in listed)})",
+                         "model")
+        return found
 
     @app.get("/sdapi/v1/loras")
     async def loras():
         return [{"name": n, "alias": n} for n in server.adapters.available()]
-
-    @app.get("/sdapi/v1/options")
-    async def options():
-        return {"sd_model_checkpoint": server.model}
 
     @app.get("/controlnet/model_list")
     async def controlnet_models():
@@ -403,9 +506,14 @@ def create_app(engine, config=None):
 
     @app.get("/api/info")
     async def info():
-        """What the page needs: model, defaults, limits, LoRA names."""
-        c = config
-        return {"model": server.model, "version": __version__, "notes": list(engine.c.notes),
+        """What the page needs: model, defaults, limits, LoRA names; `sizes`: the square sizes this model accepts
+        that the measured speed finishes within --timeout (at the default steps, one image)."""
+        c, engine, target = server.config, server.engine, server.target
+        d = engine.defaults()
+        passes = 2 if classifier_free(d["guidance"], engine.full_lcm) else 1
+        sizes = admission.sizes(target.speed, engine, c.timeout, c.max_size, d["steps"], passes)
+        return {"models": server.models.names() if server.models else [server.model], "sizes": sizes,
+                "seconds_per_pixel_step": target.speed.per_step, "model": server.model, "version": __version__, "notes": list(engine.c.notes),
                 "native_size": engine.native_size,
                 "size_step": engine.vae_factor, "defaults": engine.defaults(), "recipe": engine.default_recipe(),
                 "samplers": list(SAMPLERS), "recipes": list(RECIPES),
@@ -415,6 +523,8 @@ def create_app(engine, config=None):
                 "limits": {"max_size": c.max_size, "max_images": c.max_images, "max_steps": c.max_steps,
                            "max_guidance": c.max_guidance, "max_lora_weight": c.max_lora_weight,
                            "max_loras": c.max_loras}}
+
+    stream.add_route(app, server)  # /v1/stream: camera frames over a WebSocket
 
     # ---- the page ------------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)

@@ -6,6 +6,10 @@ since the engine takes one seed per image: a batched image matches the image the
 1/255 (the batch size changes the GEMM blocking, so the last bit moves; not bit for bit). The oldest waiting request
 picks the next batch, which waits at most `max_wait` for company; adapter sets are switched between batches, never
 during one.
+
+Work stops within a fraction of a step once nobody waits for it (every client of the batch gone or out of time) or
+a client interrupts it (A1111's /interrupt and /skip): the engine checks between UNet blocks (Engine.run's
+`cancel`). A request that could not finish in time on this engine is refused before it queues (admission.py).
 """
 
 import concurrent.futures
@@ -15,10 +19,12 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from ..errors import Cancelled, FewstepError
 from ..request import GenerateRequest
+from . import admission
+from .progress import Progress
 
 log = logging.getLogger("fewstep")
 
@@ -33,6 +39,10 @@ class QueueFull(FewstepError):
 
 class TimedOut(FewstepError):
     """A request that was still waiting or running when its time was up."""
+
+
+class Interrupted(Cancelled):
+    """A batch stopped by a client (POST /sdapi/v1/interrupt or /skip) before any step had finished."""
 
 
 class GenerationFailed(Exception):
@@ -102,11 +112,26 @@ class Result:
     warnings: list
 
 
+@dataclass(eq=False)
+class Target:
+    """One loaded model as the worker runs it: its engine, the server's adapter set and ControlNets for it, and the
+    running estimate of its speed. A job keeps the Target it was checked against, even if the server switches."""
+
+    engine: object
+    adapters: object
+    controlnets: object = None
+    speed: admission.Speed = field(default_factory=admission.Speed)
+    config: object = None  # its ServeConfig (limits derived from its native size); None: no admission bounds
+    name: str | None = None
+
+
 class Job:
     """A submitted Spec: its images are filled in by one or more batches; `future` gets the Result."""
 
-    def __init__(self, spec, timeout):
+    def __init__(self, spec, timeout, target=None):
         self.spec = spec
+        self.target = target
+        self.limit = spec.n  # an interrupt lowers it to the images already handed to batches
         self.future = concurrent.futures.Future()
         self.arrived = time.monotonic()
         self.deadline = self.arrived + timeout
@@ -126,7 +151,7 @@ class Job:
 
     def cancel(self):
         """Stop spending compute on this job (client gone, timed out): queued images are dropped, a batch of only
-        cancelled jobs stops at its next step."""
+        cancelled jobs stops before its next UNet block."""
         self._cancelled.set()
 
     def fail(self, error):
@@ -148,9 +173,10 @@ class Job:
         self.batch_images = max(self.batch_images, batch_images)
         self.params = params
         self.warnings = sorted(set(self.warnings) | set(warnings))
-        if self.done == self.spec.n:
+        if self.done >= self.limit:
             total = time.monotonic() - self.arrived
-            self._settle(self.future.set_result, Result(self.images, list(self.spec.seeds), params,
+            self._settle(self.future.set_result, Result(self.images[:self.limit], list(self.spec.seeds[:self.limit]),
+                                                        params,
                                                         self.started - self.arrived, self.compute, total,
                                                         self.batch_images, self.warnings))
 
@@ -160,9 +186,10 @@ class Batcher:
 
     def __init__(self, engine, adapters, *, max_batch=8, max_wait=0.02, queue_size=64, metrics=None,
                  controlnets=None):
-        self.engine = engine
-        self.adapters = adapters
-        self.controlnets = controlnets  # fewstep.serve.controlnets.ControlNets: loads what a batch names
+        # controlnets: fewstep.serve.controlnets.ControlNets, loads what a batch names; the server switches
+        # `target` when a client picks another model (fewstep.serve.models)
+        self.target = Target(engine, adapters, controlnets)
+        self.progress = Progress()
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.queue_size = queue_size
@@ -175,10 +202,27 @@ class Batcher:
         self._closed = False
         self._thread = None
 
+    @property
+    def engine(self):
+        return self.target.engine
+
+    @property
+    def adapters(self):
+        return self.target.adapters
+
+    @property
+    def controlnets(self):
+        return self.target.controlnets
+
     # ---- the request side --------------------------------------------------------------------------------------
     def submit(self, spec, timeout):
-        """Queue a Spec; raises QueueFull when it would not fit."""
-        job = Job(spec, timeout)
+        """Queue a Spec; raises OverBudget when this engine could not finish it within `timeout` (measured
+        speed), QueueFull when it would not fit the queue or the work ahead of it would make it time out there."""
+        target = self.target
+        c = target.config
+        bounds = {} if c is None else dict(max_n=c.max_images, max_steps=c.max_steps, max_size=c.max_size)
+        admission.check(target.speed, spec, target.engine, timeout, **bounds)
+        job = Job(spec, timeout, target)
         with self._cv:
             if self._closed:
                 raise Cancelled("the server is shutting down")
@@ -188,6 +232,13 @@ class Batcher:
                 wait = max(1, math.ceil(queued * per_image))
                 raise QueueFull(f"the queue is full ({queued} images waiting, at most {self.queue_size}): retry in "
                                 f"{wait} s", wait)
+            own = admission.estimate(target.speed, spec.request, spec.n, target.engine)
+            ahead = self._seconds_ahead()
+            if own is not None and ahead + own > timeout:  # it would time out in the queue: say when to come back
+                wait = max(1, math.ceil(ahead + own - timeout))
+                raise QueueFull(f"the server is busy: about {ahead:.0f} s of work is ahead of this request, which "
+                                f"needs about {own:.0f} s, and a request may take {timeout:g} s (--timeout): retry "
+                                f"in {wait} s", wait)
             self._pending.append(job)
             self._cv.notify()
         return job
@@ -202,6 +253,19 @@ class Batcher:
             self._calls.append((fn, tuple(loras), future))
             self._cv.notify()
         return future
+
+    def _seconds_ahead(self):
+        """Estimated seconds of the work queued and running, one image after another (on a CPU batching saves
+        little; on a GPU, where it saves more, this overestimates the wait). Jobs on a model not measured yet count
+        nothing. Caller holds the lock."""
+        total = 0.0
+        for j in self._pending:
+            t = j.target or self.target
+            total += admission.estimate(t.speed, j.spec.request, j.spec.n - j.scheduled, t.engine) or 0.0
+        p = self.progress
+        if p.running and p.estimate:
+            total += max(0.0, p.estimate - (time.time() - p.started))
+        return total
 
     def queued_images(self):
         with self._cv:
@@ -272,9 +336,9 @@ class Batcher:
                     self._cv.wait()
                     continue
                 head = self._pending[0]
-                key = head.spec.key()
+                key = self._key(head)
                 ready = sum(j.spec.n - j.scheduled for j in self._pending
-                            if j.spec.key() == key)
+                            if self._key(j) == key)
                 left = head.arrived + self.max_wait - time.monotonic()
                 if ready >= self.max_batch or left <= 0:
                     break
@@ -286,7 +350,7 @@ class Batcher:
             for job in list(self._pending):
                 if room == 0:
                     break
-                if job.spec.key() != key:
+                if self._key(job) != key:
                     continue
                 count = min(room, job.spec.n - job.scheduled)
                 batch.append((job, job.scheduled, count))
@@ -295,6 +359,15 @@ class Batcher:
                 if job.scheduled == job.spec.n:
                     self._pending.remove(job)
             return batch
+
+    @staticmethod
+    def _key(job):
+        return (id(job.target), job.spec.key())
+
+    def interrupt(self, skip=False):
+        """A1111's /interrupt (the running batch stops and its jobs end with what they have) and /skip (the
+        running batch stops; its jobs go on with their other images)."""
+        self.progress.ask("skip" if skip else "interrupt")
 
     def _call(self, fn, loras, future):
         """The worker's closure for one queued call (run outside the lock)."""
@@ -325,20 +398,28 @@ class Batcher:
         if not batch:
             return
         jobs = list({id(j): j for j, _, _ in batch}.values())
-        spec = batch[0][0].spec
+        spec, target = batch[0][0].spec, batch[0][0].target or self.target
+        engine, adapters, controlnets = target.engine, target.adapters, target.controlnets
         now = time.monotonic()
         for job in jobs:
             if job.started is None:
                 job.started = now
                 if self.metrics:
                     self.metrics.queue_seconds.observe(now - job.arrived)
+        images = sum(count for _, _, count in batch)
+        r = spec.request
+        passes, steps = admission.passes_of(r, engine), admission.steps_run(r)
+        estimate = target.speed.seconds(images, r.width, r.height, steps, passes) if target.speed.known else None
+        progress = self.progress
+        progress.begin(len(jobs), images, steps, estimate)
+        req = None
         try:
-            before = self.adapters.switches
-            self.adapters.apply(spec.loras)
-            if self.metrics and self.adapters.switches != before:
+            before = adapters.switches
+            adapters.apply(spec.loras)
+            if self.metrics and adapters.switches != before:
                 self.metrics.adapter_switches.inc()
-            if self.controlnets is not None and spec.controlnets:
-                self.controlnets.ensure(spec.controlnets)
+            if controlnets is not None and spec.controlnets:
+                controlnets.ensure(spec.controlnets)
             req = replace(spec.request, num_images=1,
                           prompt=tuple(j.spec.prompt for j, _, count in batch for _ in range(count)),
                           seeds=tuple(s for j, start, count in batch for s in j.spec.seeds[start:start + count]),
@@ -347,19 +428,29 @@ class Batcher:
             def on_step(i, total):
                 if self.metrics:
                     self.metrics.unet_steps.inc()
-                if all(j.cancelled for j in jobs):
-                    raise Cancelled("every client of this batch has gone")
+
+            def stop():  # read before every UNet block: a few attribute reads
+                if progress.stop is not None:
+                    return True
+                t = time.monotonic()
+                return all(j.cancelled or t > j.deadline for j in jobs)
 
             t0 = time.perf_counter()
-            gen = self.engine.run(req, callback=on_step)
+            gen = engine.run(req, callback=on_step, cancel=stop,
+                             preview=lambda i, x0: progress.on_step(i, x0, engine))
             seconds = time.perf_counter() - t0
         except Cancelled as e:
+            asked, x0, step = progress.stop, progress.x0, progress.step
+            progress.end()
             if self.metrics:
                 self.metrics.cancelled_batches.inc()
+            if asked is not None and not all(j.cancelled for j in jobs):
+                return self._stopped(batch, jobs, req, asked, x0, step, engine)
             for job in jobs:
                 job.fail(e)
             return
         except Exception as e:  # noqa: BLE001 - any failure belongs to the requests of this batch, not the server
+            progress.end()
             if len(batch) > 1:
                 for chunk in batch:
                     self._run([chunk])
@@ -370,20 +461,55 @@ class Batcher:
             for job in jobs:
                 job.fail(e)
             return
+        progress.end()
         n = len(gen.images)
+        target.speed.observe(gen, n, r.width, r.height, passes)
         self.seconds_per_image = seconds / n if self.seconds_per_image is None else (
             0.8 * self.seconds_per_image + 0.2 * seconds / n)
         if self.metrics:
             self.metrics.batch_images.observe(n)
             self.metrics.batch_seconds.observe(seconds)
             self.metrics.images.inc(n)
+        self._deliver(batch, gen.images, gen.params, seconds, n, gen.warnings, engine)
+
+    def _deliver(self, batch, images, params, seconds, n, warnings, engine):
         k = 0
         for job, start, count in batch:
-            params = dict(gen.params, prompt=job.spec.prompt, loras=dict(job.spec.loras),
-                          negative_prompt=job.spec.negative_prompt)
+            p = dict(params, prompt=job.spec.prompt, loras=dict(job.spec.loras),
+                     negative_prompt=job.spec.negative_prompt)
             if job.spec.mask is not None:  # A1111's inpainting metadata, where describe() leaves it out
-                params.setdefault("mask_blur", job.spec.mask_blur)
-                params.setdefault("padding_mask_crop", job.spec.padding_mask_crop)
-            job.deliver(start, gen.images[k:k + count], params, seconds, n, gen.warnings)
+                p.setdefault("mask_blur", job.spec.mask_blur)
+                p.setdefault("padding_mask_crop", job.spec.padding_mask_crop)
+            job.deliver(start, images[k:k + count], p, seconds, n, warnings)
             k += count
 
+    def _stopped(self, batch, jobs, req, asked, x0, step, engine):
+        """A batch a client interrupted or skipped: as A1111, its images are the prediction of the last step that
+        finished (decoded now); an interrupt also drops its jobs' images still queued. Before any step finished,
+        or with a mask (the paste-back needs the whole run), its jobs fail with Interrupted."""
+        import torch
+
+        if asked == "interrupt":
+            with self._cv:
+                for job in jobs:
+                    job.limit = job.scheduled
+                    if job in self._pending:
+                        self._pending.remove(job)
+        if x0 is None or req is None or req.mask is not None:
+            for job in jobs:
+                job.fail(Interrupted(f"the request was stopped by POST /sdapi/v1/{asked} before its first step "
+                                     "finished"))
+            return
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                resolved = engine.resolve(req)[0]
+                images = engine.decode(x0)
+                params = engine.describe(resolved, engine.schedule(resolved))
+        except FewstepError as e:
+            for job in jobs:
+                job.fail(e)
+            return
+        note = (f"stopped by POST /sdapi/v1/{asked} after step {step} of {params['steps']}: the images are the "
+                "prediction at that step")
+        self._deliver(batch, images, params, time.perf_counter() - t0, len(images), [note], engine)

@@ -13,11 +13,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..errors import FewstepError, RequestError
-from ..images import control_text, parameters_text
+from ..errors import FewstepError, LoadError, RequestError
+from ..images import control_text, lora_hashes_text, parameters_text
 from ..lora.prompt import split_tags
-from ..recipes import RECIPES, SAMPLERS, sampler_for_label
-from ..request import GenerateRequest, classifier_free
+from ..recipes import RECIPES, SAMPLERS
+from ..request import GenerateRequest, check_text, classifier_free
+from .a1111 import a1111_sampler
 from .batcher import Spec, random_seeds
 
 
@@ -31,6 +32,10 @@ class Invalid(FewstepError):
 
 
 # ---- request bodies ------------------------------------------------------------------------------------------------
+VARIATION_STRENGTH = 0.6  # /v1/images/variations: the layout and colours stay, the details change
+MAX_PARTIAL_IMAGES = 3  # OpenAI's range for partial_images
+
+
 class OpenAIImages(BaseModel):
     """POST /v1/images/generations; steps, guidance_scale, negative_prompt, seed, sampler, loras are extensions."""
 
@@ -48,6 +53,8 @@ class OpenAIImages(BaseModel):
     sampler: str | None = None
     recipe: str | None = None
     loras: dict[str, float] | None = None
+    stream: bool = False  # Server-Sent Events: partial images while the steps run, then the images
+    partial_images: int | None = None  # partial images to stream (OpenAI's 0-3)
 
 
 class A1111Txt2Img(BaseModel):
@@ -65,6 +72,7 @@ class A1111Txt2Img(BaseModel):
     n_iter: int = 1
     sampler_name: str | None = None
     sampler_index: str | None = None  # older clients' name for sampler_name
+    scheduler: str | None = None  # A1111 1.9+'s schedule type: fewstep's samplers walk their recipe's own
     recipe: str | None = None  # fewstep's extension: a few-step recipe (see `fewstep recipes`)
     alwayson_scripts: dict | None = None  # the ControlNet extension's {"controlnet": {"args": [unit, ...]}}
 
@@ -89,6 +97,14 @@ class OpenAIEdits(OpenAIImages):
     strength: float | None = None
 
 
+class OpenAIVariations(OpenAIEdits):
+    """POST /v1/images/variations (multipart form): image-to-image of the uploaded image; OpenAI sends no prompt, a
+    fewstep client may send one to steer the variation."""
+
+    prompt: str = ""
+    strength: float | None = VARIATION_STRENGTH
+
+
 # ---- request -> Spec -----------------------------------------------------------------------------------------------
 MAX_CONTROL_UNITS = 4  # ControlNet units per request (each is a second network run per step)
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
@@ -104,6 +120,12 @@ def build_spec(server, *, prompt, names, n=1, seed=None, steps=None, guidance=No
     def bad(field, reason):
         return Invalid(names.get(field, field), reason)
 
+    try:  # first: a lone surrogate can be neither tokenized nor written into an error body or PNG metadata
+        check_text(prompt, "prompt")
+        if negative_prompt is not None:
+            check_text(negative_prompt, "negative_prompt")
+    except RequestError as e:
+        raise bad(e.field, str(e)) from None
     if len(prompt) > cfg.max_prompt_chars:
         raise bad("prompt", f"at most {cfg.max_prompt_chars} characters, got {len(prompt)}")
     if negative_prompt is not None and len(negative_prompt) > cfg.max_prompt_chars:
@@ -127,9 +149,13 @@ def build_spec(server, *, prompt, names, n=1, seed=None, steps=None, guidance=No
         raise bad("strength", f"must be in (0, 1], got {strength}")
     try:
         prompt, tagged = split_tags(prompt)
+        both = sorted(set(tagged) & set(loras or {}))
+        if both:  # which weight was meant cannot be known: refused, never one silently winning
+            raise RequestError(f"LoRA {both[0]!r} is given twice, in the loras field ({loras[both[0]]:g}) and as a "
+                               f"<lora:{both[0]}:{tagged[both[0]]:g}> tag in the prompt: give it once")
         wanted = dict(tagged, **(loras or {}))
         adapter_set = server.adapters.check(wanted)
-    except RequestError as e:
+    except (RequestError, LoadError) as e:
         raise bad("loras", str(e)) from None
     seeds = random_seeds(n, seed)
     try:
@@ -157,6 +183,7 @@ def build_spec(server, *, prompt, names, n=1, seed=None, steps=None, guidance=No
 
 
 def openai_spec(server, body):
+    check_partial_images(body)
     names = {"guidance": "guidance_scale", "width": "size", "height": "size"}
     width, height = openai_size(body.size)
     sampler = body.sampler.lower() if body.sampler else None
@@ -174,18 +201,19 @@ def a1111_spec(server, body, init_image=None, mask=None):
         raise Invalid("seed", f"must be -1 (random) or >= 0, got {body.seed}")
     if body.n_iter < 1 or body.batch_size < 1:
         raise Invalid("batch_size" if body.batch_size < 1 else "n_iter", "must be >= 1")
-    sampler = None
+    sampler, sampler_notes = None, ()
     name = body.sampler_name or body.sampler_index
-    if name:
-        sampler = sampler_for_label(name)
+    if name:  # A1111's other samplers run as this model's own (fewstep.serve.a1111.a1111_sampler says why)
+        sampler, sampler_notes = a1111_sampler(name, server.engine, body.scheduler)
         if sampler is None:
             labels = ", ".join(s.label for s in SAMPLERS.values())
-            raise Invalid("sampler_name", f"unknown sampler {name!r} (this server has {labels})")
+            raise Invalid("sampler_name", f"unknown sampler {name!r}: neither fewstep ({labels}) nor A1111 has it")
     strength = body.denoising_strength if init_image is not None else None
     control = a1111_control(server, body.alwayson_scripts, init_image)
     inpaint, notes = {}, []
     if mask is not None:
         inpaint, strength, init_image, notes = a1111_inpaint(body, init_image, mask, strength)
+    notes = [*sampler_notes, *notes]
     return build_spec(server, prompt=body.prompt, names=names, n=body.batch_size * body.n_iter,
                       seed=None if body.seed == -1 else body.seed, steps=body.steps, guidance=body.cfg_scale,
                       sampler=sampler, width=body.width, height=body.height, negative_prompt=body.negative_prompt,
@@ -293,6 +321,7 @@ def openai_edit_spec(server, body, image, mask=None):
     no mask (DALL-E 2's rule), inpaint; otherwise image-to-image. Images are decoded RGBA."""
     from ..images import alpha_mask, fit_mask
 
+    check_partial_images(body)
     notes, strength = [], body.strength
     if mask is not None:  # transparent = edit; a mask without an alpha channel is read as fewstep's white = repaint
         edit = alpha_mask(mask, transparent_only=False)
@@ -311,6 +340,19 @@ def openai_edit_spec(server, body, image, mask=None):
                       guidance=body.guidance_scale, sampler=sampler, width=width, height=height,
                       negative_prompt=body.negative_prompt, loras=body.loras, recipe=body.recipe,
                       init_image=_flatten(image), strength=strength, mask=edit, notes=notes)
+
+
+def openai_variation_spec(server, body, image):
+    """/v1/images/variations: image-to-image of the upload; its transparency is not an area to edit here."""
+    return openai_edit_spec(server, body, _flatten(image))
+
+
+def check_partial_images(body):
+    p = body.partial_images
+    if p is not None and not 0 <= p <= MAX_PARTIAL_IMAGES:
+        raise Invalid("partial_images", f"must be in 0..{MAX_PARTIAL_IMAGES}, got {p}")
+    if p and not body.stream:
+        raise Invalid("partial_images", "partial images are sent only when streaming: add stream=true")
 
 
 def _flatten(image):
@@ -345,18 +387,34 @@ def decode_image(data, *, max_pixels, param="init_images", mode="RGB"):
 
 
 def decode_bytes(raw, *, max_pixels, param, mode="RGB"):
-    """A PIL image from a file's bytes, in `mode` (None: as stored, for masks and their transparency), its size
-    checked before its pixels are decoded."""
+    """A PIL image from a file's bytes, in `mode` (None: as stored, for masks and their transparency). Image.open
+    reads the header only: the size is checked against max_pixels (the server's --max-image-pixels, which follows
+    --max-size) before any pixel is decoded, so a large upload costs no memory."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    def too_large(size):
+        side = math.isqrt(max_pixels)
+        return Invalid(param, f"the image is {size}, more than this server's limit of {max_pixels} pixels (about "
+                              f"{side}x{side}): send a smaller image")
+
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise Invalid(param, f"the image is {w}x{h}, more than {max_pixels} pixels")
-            return im.convert(mode) if mode else _as_stored(im)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own limit, far above ours
+        raise too_large("a decompression bomb (more pixels than PIL will open)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise Invalid(param, "not a readable image (PNG, JPEG or WebP)") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise too_large(f"{w}x{h}")
+        try:
+            return im.convert(mode) if mode else _as_stored(im)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            raise Invalid(param, "not a readable image (PNG, JPEG or WebP): its data is damaged or truncated") from None
 
 
 def _as_stored(im):
@@ -379,7 +437,11 @@ def png_bytes(image, params, seed):
     return buf.getvalue()
 
 
-def encode_all(result):
+def encode_all(result, adapters=None):
+    """The result's PNGs. With the server's Adapters, the LoRAs' A1111 hashes join result.params first (the
+    A1111 answer's infotexts are written from the same params)."""
+    if adapters is not None and result.params.get("loras"):
+        result.params["lora_hashes"] = adapters.hashes(result.params["loras"])
     return [png_bytes(im, result.params, s) for im, s in zip(result.images, result.seeds)]
 
 
@@ -410,7 +472,8 @@ def a1111_response(body, spec, result, pngs, model):
                 sampler_name=SAMPLERS[spec.sampler].label, batch_size=body.batch_size,
                 n_iter=body.n_iter, denoising_strength=spec.strength, sd_model_name=model, sd_model_hash=None,
                 clip_skip=1, restore_faces=False, seed_resize_from_w=-1, seed_resize_from_h=-1,
-                extra_generation_params={"LoRAs": dict(spec.loras)} if spec.loras else {},
+                extra_generation_params={"Lora hashes": lora_hashes_text(p["lora_hashes"])}
+                if p.get("lora_hashes") else {},
                 index_of_first_image=0, infotexts=texts, styles=[], job_timestamp=time.strftime("%Y%m%d%H%M%S"),
                 version=f"fewstep {__version__}", timings=timings(result),
                 warnings=list(dict.fromkeys([*spec.notes, *result.warnings])))

@@ -31,10 +31,10 @@ def decode_png(b64):
 class LiveServer:
     """create_app(engine, config) served by uvicorn on 127.0.0.1:<free port>; a context manager."""
 
-    def __init__(self, engine, config=None):
+    def __init__(self, engine, config=None, *, app=None):
         from fewstep.serve.app import create_app
 
-        self.app = create_app(engine, config)
+        self.app = app or create_app(engine, config)  # app: one made otherwise (models loaded in the background)
         self.state = self.app.state.server
 
     def __enter__(self):
@@ -77,7 +77,7 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def run(self, req, *, callback=None):
+    def run(self, req, *, callback=None, **kw):
         self.entered.set()
         self.gate.wait(30)
 
@@ -86,4 +86,4 @@ class Gated:
             if callback:
                 callback(i, n)
 
-        return self.engine.run(req, callback=counted)
+        return self.engine.run(req, callback=counted, **kw)

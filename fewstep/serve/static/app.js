@@ -44,12 +44,13 @@ async function loadInfo() {
   g.max = Math.min(lim.max_guidance, d.guidance > 2 ? 15 : 3);
   g.value = d.guidance;
   $("seed").value = Math.floor(Math.random() * 1e6);
-  const sizes = [info.native_size, 256, 512, 768, 1024].filter(
-    (s, i, all) => s <= lim.max_size && s % info.size_step === 0 && all.indexOf(s) === i);
+  // info.sizes: what this model accepts and the server's measured speed finishes within its timeout
+  const sizes = info.sizes || [info.native_size].filter((s) => s <= lim.max_size);
   $("size").replaceChildren(...sizes.map((s) => {
     const o = document.createElement("option");
     o.value = `${s}x${s}`;
     o.textContent = `${s}×${s}` + (s === info.native_size ? " (native)" : "");
+    o.selected = s === info.native_size;
     return o;
   }));
   const list = $("lora-list");
@@ -264,6 +265,7 @@ async function generate() {
   clearTimeout(timer);
   if (!info) return;
   if (!$("prompt").value.trim()) return;
+  if (window.fewstepCamera && window.fewstepCamera.on) return; // the camera stream takes the prompt instead
   if (inflight) inflight.abort(); // the server notices the closed connection and drops the stale work
   const controller = new AbortController();
   inflight = controller;
