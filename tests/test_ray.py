@@ -95,6 +95,9 @@ def test_serve_ray_flags_refuse_bad_values_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--autoscale must be MIN:MAX" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "serve", "--ray", "--model", str(tmp_path), "--model",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--ray serves one --model" in r.stderr and "Traceback" not in r.stderr
 
 
 def pixels(b64):

@@ -462,6 +462,9 @@ def serve_ray(args, config):
     need_ray()
     if args.replicas < 1:
         raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
+    if len(getattr(args, "models", ())) > 1:
+        raise ConfigError("--ray serves one --model (each replica loads it): run one Ray app per model, or serve "
+                          "several models from one process without --ray")
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     import ray
     from ray import serve
