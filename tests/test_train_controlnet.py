@@ -20,6 +20,7 @@ from fewstep.cli import main
 from fewstep.train import TrainConfig, train
 from fewstep.train.config import TrainError
 from fewstep.worlds import shapes
+from tests.support.images import assert_close_images
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -306,7 +307,8 @@ def test_eval_shapes_controlnet_rows(untrained_shapes_controlnet, tmp_path):
     attrs, prompts, seeds = table.control_set(3)
     assert prompts[0] == f"a {attrs[0].color} shape on a {attrs[0].background} background"
     plain = engine.generate(prompts[0], seed=seeds[0], sampler="euler", steps=25, guidance=rows[0].guidance)
-    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(images[rows[0].label][0]))
+    # the table ran it in a batch of 2, this alone: within 1/255 (the batch size moves the last bit on some CPUs)
+    assert_close_images(plain.images[0], images[rows[0].label][0])
     (target,) = table.control_targets(results)
     assert target["goal"] == ">= 0.9" and target["target"].startswith("ControlNet + LCM-LoRA 4")
     grid = table.control_grid(rows, images, 3)
