@@ -185,7 +185,7 @@ def run_bench(args):
     if args.stream:
         from .bench_stream import run_stream_bench
 
-        return run_stream_bench(args)
+        return run_stream_bench(args, commit=_commit(), device_name=_device_name)
     import copy
 
     import torch

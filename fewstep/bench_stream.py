@@ -33,7 +33,8 @@ def frames(n, size):
     return out
 
 
-def run_stream_bench(args):
+def run_stream_bench(args, *, commit, device_name):
+    """The --stream rows; commit and device_name(dev): fewstep.bench's, for the same row metadata."""
     import torch
 
     from . import loading
@@ -53,8 +54,8 @@ def run_stream_bench(args):
         print(f"fewstep bench --stream: {name} at {side} px on {dev} ({n} frames per path)...", file=sys.stderr)
         engine, tiny, weights = _build(name, dev, dt, args)
         clip = frames(n + 4, side)
-        meta = dict(model=name, weights=weights, size=side, steps=steps, strength=0.5, device=_device_name(dev),
-                    dtype=str(dt).split(".")[-1], commit=_commit(), torch=torch.__version__)
+        meta = dict(model=name, weights=weights, size=side, steps=steps, strength=0.5, device=device_name(dev),
+                    dtype=str(dt).split(".")[-1], commit=commit, torch=torch.__version__)
         rows.append(dict(meta, mode="img2img loop", **_sequential(engine, clip, side, steps, dev)))
         rows.append(dict(meta, mode="stream, full VAE", **_stream(engine, clip, side, steps, dev, "full")))
         if tiny is not None:
@@ -103,27 +104,6 @@ def _build(name, dev, dt, args):
                     check_finite=False)
     engine.load_lora(str(lora_file), name="lcm", lcm=True)
     return engine, str(tiny_dir), "random"
-
-
-def _commit():
-    import subprocess
-    from pathlib import Path
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5, check=False).stdout.strip() or None
-    except OSError:
-        return None
-
-
-def _device_name(dev):
-    import platform
-
-    import torch
-
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def _sync(dev):
