@@ -159,6 +159,15 @@ def test_stream_sends_partial_images_then_the_image(client):
     assert read_parameters(final.text["parameters"])["Seed"] == "7"
 
 
+def test_a_streamed_image_carries_the_same_metadata_as_a_plain_one(client):
+    kw = dict(prompt="a blue square", size=f"{SMALL}x{SMALL}", extra_body={"seed": 5, "steps": 2,
+                                                                            "loras": {"style": 0.5}})
+    streamed = decoded(list(client.images.generate(**kw, stream=True))[-1].b64_json)
+    plain = decoded(client.images.generate(**kw).data[0].b64_json)
+    got, want = read_parameters(streamed.text["parameters"]), read_parameters(plain.text["parameters"])
+    assert "Lora hashes" in want and got == want
+
+
 def test_a_stream_its_client_drops_stops_the_engine(client, served):
     before = served.metric("fewstep_unet_steps_total")
     stream = client.images.generate(prompt="a star", size=f"{SMALL}x{SMALL}", n=8, stream=True, partial_images=3,

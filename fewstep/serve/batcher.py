@@ -85,6 +85,15 @@ class Spec:
             raise AttributeError(name)
         return getattr(self.request, name)
 
+    def params(self, engine_params):
+        """The parameters its images were made with (metadata, infotexts): the engine's, with this request's prompt,
+        adapter set and negative prompt, and A1111's inpainting fields where describe() leaves them out."""
+        p = dict(engine_params, prompt=self.prompt, loras=dict(self.loras), negative_prompt=self.negative_prompt)
+        if self.mask is not None:
+            p.setdefault("mask_blur", self.mask_blur)
+            p.setdefault("padding_mask_crop", self.padding_mask_crop)
+        return p
+
     def key(self):
         """Requests with equal keys can run in one engine call: the same ControlNets with the same scales and
         steps; their control images may differ (the engine takes one per image, fewstep.control.prepare)."""
@@ -219,10 +228,21 @@ class Batcher:
         """Queue a Spec; raises OverBudget when this engine could not finish it within `timeout` (measured
         speed), QueueFull when it would not fit the queue or the work ahead of it would make it time out there."""
         target = self.target
+        job = Job(spec, timeout, target)
+        with self._cv:
+            self.admit(spec, timeout)
+            self._pending.append(job)
+            self._cv.notify()
+        return job
+
+    def admit(self, spec, timeout):
+        """Refuse a Spec that this engine could not finish within `timeout` (OverBudget), that would not fit the
+        queue or that would time out behind the work ahead of it (QueueFull): before it queues, and for work that
+        runs through call() (a streamed request) before it is handed there."""
+        target = self.target
         c = target.config
         bounds = {} if c is None else dict(max_n=c.max_images, max_steps=c.max_steps, max_size=c.max_size)
         admission.check(target.speed, spec, target.engine, timeout, **bounds)
-        job = Job(spec, timeout, target)
         with self._cv:
             if self._closed:
                 raise Cancelled("the server is shutting down")
@@ -239,9 +259,6 @@ class Batcher:
                 raise QueueFull(f"the server is busy: about {ahead:.0f} s of work is ahead of this request, which "
                                 f"needs about {own:.0f} s, and a request may take {timeout:g} s (--timeout): retry "
                                 f"in {wait} s", wait)
-            self._pending.append(job)
-            self._cv.notify()
-        return job
 
     def call(self, fn, loras=()):
         """Run fn(engine) on the engine's thread with the adapter set `loras` (from Adapters.check) fused; returns
@@ -475,12 +492,7 @@ class Batcher:
     def _deliver(self, batch, images, params, seconds, n, warnings, engine):
         k = 0
         for job, start, count in batch:
-            p = dict(params, prompt=job.spec.prompt, loras=dict(job.spec.loras),
-                     negative_prompt=job.spec.negative_prompt)
-            if job.spec.mask is not None:  # A1111's inpainting metadata, where describe() leaves it out
-                p.setdefault("mask_blur", job.spec.mask_blur)
-                p.setdefault("padding_mask_crop", job.spec.padding_mask_crop)
-            job.deliver(start, images[k:k + count], p, seconds, n, warnings)
+            job.deliver(start, images[k:k + count], job.spec.params(params), seconds, n, warnings)
             k += count
 
     def _stopped(self, batch, jobs, req, asked, x0, step, engine):

@@ -438,11 +438,16 @@ def png_bytes(image, params, seed):
 
 
 def encode_all(result, adapters=None):
-    """The result's PNGs. With the server's Adapters, the LoRAs' A1111 hashes join result.params first (the
-    A1111 answer's infotexts are written from the same params)."""
-    if adapters is not None and result.params.get("loras"):
-        result.params["lora_hashes"] = adapters.hashes(result.params["loras"])
-    return [png_bytes(im, result.params, s) for im, s in zip(result.images, result.seeds)]
+    """The result's PNGs (encode_pngs); the A1111 answer's infotexts are written from the same params after."""
+    return encode_pngs(result.images, result.seeds, result.params, adapters)
+
+
+def encode_pngs(images, seeds, params, adapters=None):
+    """PNGs with their metadata. With the server's Adapters, the LoRAs' A1111 hashes join params first (in place:
+    the caller's infotexts then carry them too)."""
+    if adapters is not None and params.get("loras"):
+        params["lora_hashes"] = adapters.hashes(params["loras"])
+    return [png_bytes(im, params, s) for im, s in zip(images, seeds)]
 
 
 def timings(result):

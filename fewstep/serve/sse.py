@@ -14,8 +14,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import Cancelled, FewstepError
-from . import admission, dialects
-from .batcher import QueueFull, TimedOut
+from . import dialects
+from .batcher import TimedOut
 
 log = logging.getLogger("fewstep")
 USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
@@ -37,11 +37,6 @@ def event(name, data):
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-def encode(gen, params):
-    """The finished images as PNGs with their metadata."""
-    return [dialects.png_bytes(im, params, s) for im, s in zip(gen.images, gen.seeds)]
-
-
 def _png(image):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -55,13 +50,7 @@ async def respond(server, spec, body, kind):
     the predicted clean latents (Engine.run's preview), decoded into the partial images. A client that disconnects
     stops it within a UNet block (Engine.run's cancel)."""
     cfg, k, target = server.config, body.partial_images or 0, server.target
-    bounds = dict(max_n=cfg.max_images, max_steps=cfg.max_steps, max_size=cfg.max_size)
-    admission.check(target.speed, spec, target.engine, cfg.timeout, **bounds)  # as Batcher.submit: refused up front
-    queued = server.batcher.queued_images()
-    if queued + spec.n > cfg.queue_size:
-        wait = max(1, round(queued * (server.batcher.seconds_per_image or 1.0)))
-        raise QueueFull(f"the queue is full ({queued} images waiting, at most {cfg.queue_size}): retry in {wait} s",
-                        wait)
+    server.batcher.admit(spec, cfg.timeout)  # as a queued request: refused up front
     loop = asyncio.get_running_loop()
     events = asyncio.Queue()
     gone = threading.Event()
@@ -117,12 +106,8 @@ async def respond(server, spec, body, kind):
                     yield event("error", {"error": {"message": f"generation failed: {type(e).__name__}",
                                                     "type": "server_error", "code": 500}})
                     return
-                params = dict(gen.params, prompt=spec.prompt, loras=dict(spec.loras),
-                              negative_prompt=spec.negative_prompt)
-                if spec.mask is not None:  # A1111's inpainting metadata, as the batcher writes it
-                    params.setdefault("mask_blur", spec.mask_blur)
-                    params.setdefault("padding_mask_crop", spec.padding_mask_crop)
-                pngs = await run_in_threadpool(encode, gen, params)
+                params = spec.params(gen.params)
+                pngs = await run_in_threadpool(dialects.encode_pngs, gen.images, gen.seeds, params, server.adapters)
                 warnings = list(dict.fromkeys([*spec.notes, *gen.warnings]))
                 for png, seed in zip(pngs, gen.seeds):
                     data = dict(type=f"{kind}.completed", b64_json=base64.b64encode(png).decode(),
