@@ -114,32 +114,19 @@ def parse_control(text, kinds=("canny",)):
 
 
 def read_image(path, flag, noun, mode="RGB"):
-    """A PIL image from a file (in `mode`; None: as stored), or one clear error naming the flag."""
-    from PIL import Image, UnidentifiedImageError
+    """A PIL image from a file (in `mode`; None: as stored): images.open_image's, its error naming the flag."""
+    from .images import open_image
 
-    from .images import regular_file
+    def then(im):
+        if mode is None:
+            im.load()
+            return im.copy()
+        return im.convert(mode)
 
     try:
-        with Image.open(regular_file(local_path_of(path))) as im:  # a FIFO is refused, never waited on
-            if mode is None:
-                im.load()
-                return im.copy()
-            return im.convert(mode)
-    except FileNotFoundError:
-        raise RequestError(f"{flag}: cannot read {noun} {path}: it does not exist") from None
-    except Image.DecompressionBombError:
-        from .images import bomb_reason
-
-        raise RequestError(f"{flag}: cannot read {noun} {path}: {bomb_reason()}") from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RequestError(f"{flag}: cannot read {noun} {path} as an image ({reason})") from None
-
-
-def local_path_of(path):
-    from .sources import local_path
-
-    return local_path(path)
+        return open_image(path, noun, then=then)
+    except RequestError as e:
+        raise RequestError(f"{flag}: {e}") from None
 
 
 def build_parser():

@@ -17,6 +17,8 @@ def open_image(src, label, *, field=None, then=lambda im: im.copy()):
     try:
         with Image.open(regular_file(local_path(src))) as im:  # reads the header only: the size is known first
             return then(im)
+    except FileNotFoundError:
+        raise RequestError(f"cannot read {label} {src}: it does not exist", field=field) from None
     except Image.DecompressionBombError:
         raise RequestError(f"cannot read {label} {src}: {bomb_reason()}", field=field) from None
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
