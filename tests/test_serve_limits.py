@@ -38,6 +38,7 @@ REFUSED = [  # route, body, field named in the 422
     (OPENAI, {"prompt": "x", "size": "big"}, "size"),
     (OPENAI, {"prompt": "x", "size": "256x64"}, "size"),
     (OPENAI, {"prompt": "x", "size": "62x64"}, "size"),  # not a multiple of the latent factor
+    (OPENAI, {"prompt": "x", "size": "\uff16\uff14x\uff16\uff14"}, "size"),  # full-width digits: not a size
     (OPENAI, {"prompt": "x", "n": 5}, "n"),
     (OPENAI, {"prompt": "x", "n": 0}, "n"),
     (OPENAI, {"prompt": "x", "steps": 9}, "steps"),

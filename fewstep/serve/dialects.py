@@ -369,7 +369,8 @@ def _flatten(image):
 def openai_size(size):
     if size in (None, "auto"):
         return None, None
-    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", size)
+    # ASCII digits only: \d also matches other scripts' digits ("５１２"), which int() reads but no client sends
+    m = re.fullmatch(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*", size)
     if not m:
         raise Invalid("size", f"must look like 512x512 (WIDTHxHEIGHT) or auto, got {size!r}")
     return int(m.group(1)), int(m.group(2))
