@@ -129,7 +129,9 @@ def read_image(path, flag, noun, mode="RGB"):
         raise RequestError(f"{flag}: {e}") from None
 
 
-def build_parser():
+def build_parser(command=None):
+    """The parser of every subcommand; for command "generate" (the one about to run), of generate's alone: the
+    other subcommands' modules (server, trainer, bench...) are not imported for it."""
     from . import __version__
 
     p = argparse.ArgumentParser(prog="fewstep", description="Stable Diffusion-family models in 1-8 steps.")
@@ -184,7 +186,7 @@ def build_parser():
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     speed.add_arguments(g)
     g.set_defaults(func=cmd_generate)
-    for module in SUBCOMMANDS:
+    for module in SUBCOMMANDS if command != "generate" else ():
         try:
             importlib.import_module(module).add_parser(sub)
         except ModuleNotFoundError as e:
@@ -470,7 +472,8 @@ def quiet_libraries():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fewstep: %(levelname)s: %(message)s"))
     logging.addLevelName(logging.WARNING, "warning")

@@ -665,9 +665,10 @@ def load(source=None, *, device="auto", dtype="auto", lcm=True, allow_pickle=Fal
         from .default_model import NAME, default_model_path
 
         path, name = default_model_path(), NAME
+        parts = loading.read_shipped(path, dtype=dt)
     else:
         path, name = source, Path(str(source)).name if Path(str(source)).exists() else str(source)
-    parts = loading.read_components(path, allow_pickle=allow_pickle, dtype=dt)
+        parts = loading.read_components(path, allow_pickle=allow_pickle, dtype=dt)
     if unet is not None:
         parts["unet"] = loading.read_unet(unet, parts["unet"], allow_pickle=allow_pickle, dtype=dt)
         guessed, _ = detect(Path(str(unet)).name)

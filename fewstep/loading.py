@@ -170,6 +170,51 @@ def _from_folder(folder, allow_pickle, dtype=torch.float32):
                 scheduler_config=sched, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", xl))
 
 
+def read_shipped(folder, dtype=torch.float32):
+    """Components (on CPU, in dtype) of the embedded default model, without from_pretrained.
+
+    Its files are known: one safetensors file per part beside its config, and a tokenizer whose vocabulary, merges
+    and special tokens are the bundled CLIP tokenizer's (tests/test_first_image.py checks). So each network is built
+    from its config on the meta device and its tensors are assigned (gpt-fast's way), skipping what from_pretrained
+    does for large models from anywhere: file resolution, accelerate's empty-weights init, transformers' checkpoint
+    key conversion rules, and a 3.6 MB tokenizer.json parsed in Python: the load outside its imports went from
+    0.61 to 0.24 s (benchmarks/first_image.py, 2-core Xeon); the imports of the model classes are the rest.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizers import bundled_tokenizer
+
+    def built(make, file):
+        with torch.device("meta"):
+            module = make()
+        state = load_file(str(file))
+        check_fit(module.state_dict(), state, f"{file} does not fit its config")
+        module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        return module.eval()
+
+    def diffusers_part(cls, sub):
+        return built(lambda: cls.from_config(cls.load_config(str(folder / sub))),
+                     folder / sub / "diffusion_pytorch_model.safetensors")
+
+    unet, vae = diffusers_part(UNet2DConditionModel, "unet"), diffusers_part(AutoencoderKL, "vae")
+    encoder = built(lambda: CLIPTextModel(CLIPTextConfig.from_json_file(str(folder / "text_encoder" / "config.json"))),
+                    folder / "text_encoder" / "model.safetensors")
+    # the one tensor no file holds: CLIP's position ids (0..76), a non-persistent buffer of its embeddings
+    for name, buf in list(encoder.named_buffers()):
+        if buf.is_meta and name.rpartition(".")[2] == "position_ids":
+            setattr(encoder.get_submodule(name.rpartition(".")[0]), "position_ids",
+                    torch.arange(buf.shape[-1]).expand(buf.shape))
+    left = [n for m in (unet, vae, encoder) for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+    if left:  # a library version that adds state outside the files: say so rather than run on meta tensors
+        raise LoadError(f"the default model's loader left {left[:3]} unset: this diffusers/transformers version "
+                        "needs fewstep.loading.read_shipped updated")
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return dict(arch=arch.detect(unet.config), unet=unet, vae=vae, text_encoders=[encoder],
+                tokenizers=[bundled_tokenizer("clip")], scheduler_config=sched, force_zeros_for_empty_prompt=False)
+
+
 def read_components(source, *, allow_pickle=False, dtype=torch.float32):
     """Components on CPU in dtype from a folder, a single file or a hub id."""
     path = sources.local_path(source)
