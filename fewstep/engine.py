@@ -337,6 +337,7 @@ class Engine:
         prompts = [p for p in req.prompt for _ in range(req.num_images)]
         batch = len(prompts)
         self.check_memory(batch, req)
+        self.fast.prepare(self, req)  # a backend's per-request work (the OpenVINO int8 UNet's calibration set)
         if req.seeds is not None:
             seeds = list(req.seeds)
         else:
@@ -569,7 +570,8 @@ class StopHooks:
 
     def modules(self):
         e = self.engine
-        if e.unet_fn is not e.c.unet:  # compiled, graphed or another backend: hooks would not run (or recompile)
+        eager = e.unet_fn is e.c.unet or getattr(e.unet_fn, "runs_eager_blocks", False)  # (a feature cache)
+        if not eager:  # compiled, graphed or another backend: hooks would not run (or recompile)
             return []
         unet = e.c.unet
         out = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]

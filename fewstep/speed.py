@@ -40,6 +40,9 @@ class SpeedSettings:
     backend: str = "torch"  # "openvino": the UNet and the VAE converted and run by OpenVINO (fewstep.backends)
     openvino_cache: str | None = None  # where converted models are kept (default: fewstep.backends.openvino)
     openvino_background: bool = False  # convert a new weight state in a thread, torch runs meanwhile (servers)
+    quantize: str | None = None  # "int8": the OpenVINO UNet hybrid int8 (calibrated), the VAE int8 weights
+    deep_cache: int = 1  # every n-th UNet call of a run full, the others reuse its deep features (1: off)
+    tome: float = 0.0  # share of the first level's tokens merged before each self-attention (fewstep.tokenmerge)
 
 
 def auto_settings(device, **overrides):
@@ -58,12 +61,22 @@ def auto_settings(device, **overrides):
     if s.cuda_graphs and (device.type != "cuda" or s.offload or s.compile):
         raise LoadError("--cuda-graphs needs a CUDA device, without --offload (weights must stay put) and without "
                         "--compile (its reduce-overhead mode already uses CUDA graphs)")
+    if s.quantize is not None:
+        from .backends import check_quantize
+
+        check_quantize(s.quantize, s.backend)
     if s.backend != "torch":
         from .backends import check
 
         check(s.backend, device)
         if s.compile or s.cuda_graphs:
             raise LoadError(f"--backend {s.backend} runs its own compiled models: drop --compile / --cuda-graphs")
+    from .featurecache import check_interval
+    from .tokenmerge import check_ratio
+
+    for flag, on in (("--deep-cache", check_interval(s.deep_cache) > 1), ("--tome", check_ratio(s.tome) > 0)):
+        if on and (s.compile or s.cuda_graphs or s.backend != "torch"):
+            raise LoadError(f"{flag} runs the eager UNet: drop --compile / --cuda-graphs / --backend")
     if s.offload and device.type != "cuda":
         raise LoadError("--offload keeps weights in CPU memory for a GPU; it does nothing on " + device.type)
     return s
@@ -94,6 +107,12 @@ class FastPath:
                                                                                    decode_fn, report)
         self.encode_fn = encode_fn  # pixels -> latent distribution; None: the VAE's own encode
 
+    def prepare(self, engine, req):
+        """Per-request work of the callables before a request's steps (the OpenVINO UNet's int8 calibration)."""
+        hook = getattr(self.unet_fn, "prepare", None)
+        if hook is not None:
+            hook(engine, req)
+
 
 def build(components, device, dtype, settings=None, *, tiny_decoder=None):
     """The FastPath of settings over components (placed already); changes module layouts in place, so it runs
@@ -113,6 +132,10 @@ def build(components, device, dtype, settings=None, *, tiny_decoder=None):
             done["phase_upsample"] = count
     if settings.fused_qkv:
         done["fused_qkv"] = fuse_qkv(c.unet)
+    if settings.tome:
+        from . import tokenmerge
+
+        done["tome"] = tokenmerge.apply(c.unet, settings.tome)  # wraps the processors set so far (fused ones too)
     if settings.channels_last:
         c.unet.to(memory_format=torch.channels_last)
         done["channels_last"] = True
@@ -131,6 +154,11 @@ def build(components, device, dtype, settings=None, *, tiny_decoder=None):
     elif settings.cuda_graphs:
         unet_fn = GraphedUNet(c.unet)
         done["cuda_graphs"] = True
+    if settings.deep_cache > 1:
+        from . import featurecache
+
+        unet_fn = featurecache.wrap(c.unet, settings.deep_cache)
+        done["deep_cache"] = settings.deep_cache
     encode_fn = None
     if settings.backend == "openvino":
         from .backends import openvino
@@ -138,7 +166,8 @@ def build(components, device, dtype, settings=None, *, tiny_decoder=None):
         # the sub-pixel upsamplers are a torch kernel choice (the same sums): OpenVINO converts diffusers' decoder
         source = c.vae if done.get("phase_upsample") else decoder
         unet_fn, decode_fn, encode_fn = openvino.wrap(c, source, dtype, label=c.name, cache=settings.openvino_cache,
-                                                      background=settings.openvino_background)
+                                                      background=settings.openvino_background,
+                                                      quantize=settings.quantize)
         done["backend"] = "openvino"
     return FastPath(settings, unet_fn, decoder, decode_fn, done, encode_fn)
 

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from fewstep.errors import LoadError
+from fewstep.previews import preview_images
 from fewstep.serve.app import create_app
 from fewstep.serve.config import ServeConfig
 from fewstep.serve.models import Models
@@ -76,13 +77,14 @@ def served():
         yield server
 
 
-def prediction(seed, steps, at):
-    """The image the engine's prediction is after step index `at` of a run (what an interrupt answers)."""
+def prediction(seed, steps, at, decode=None):
+    """The image the engine's prediction is after step index `at` of a run (what an interrupt answers), decoded by
+    the engine's decoder (or `decode`: the progress preview's)."""
     engine = default_engine()
     kept = {}
     engine.generate("a red circle", seed=seed, steps=steps, width=64, height=64,
                     preview=lambda i, x0: kept.setdefault(i, x0))
-    return engine.decode(kept[at])[0]
+    return (decode or engine.decode)(kept[at])[0]
 
 
 def test_progress_preview_and_interrupt_of_the_running_job(served):
@@ -114,7 +116,9 @@ def test_progress_preview_and_interrupt_of_the_running_job(served):
     assert any("stopped by POST /sdapi/v1/interrupt after step 3 of 8" in w for w in info["warnings"]), info["warnings"]
     assert hold.passes == 3  # the 4th step stopped inside its UNet pass
     step3 = prediction(1, 8, 2)
-    assert_close_images(image.convert("RGB"), step3)  # the preview: the prediction after step 3
+    # the preview: the prediction after step 3, through the preview's tiny decoder (fewstep.previews)
+    tiny = prediction(1, 8, 2, decode=lambda x0: preview_images(default_engine(), x0))
+    assert_close_images(image.convert("RGB"), tiny)
     assert_close_images(decode_png(r.json()["images"][0]).convert("RGB"), step3)  # the answer: the same
     p = c.get("/sdapi/v1/progress").json()  # what webuiapi's util_wait_for_ready waits for
     assert p["progress"] == 0 and p["state"]["job_count"] == 0 and p["state"]["interrupted"] is True

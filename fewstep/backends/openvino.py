@@ -16,6 +16,11 @@ run-time LoRA (state variables holding the factors) would avoid re-conversion bu
 at every step, the cost fewstep's fusion exists to remove; it is not used.
 
 Calls OpenVINO cannot take as converted (ControlNet residuals) run on the torch module.
+
+quantize="int8" (fewstep.backends.quantize): the UNet runs NNCF's hybrid int8, calibrated per request class (the
+recipe, steps, guidance and size of the request being served) on the UNet's own inputs, and the VAE int8 weights;
+the quantized IR is cached beside the fp32 one, keyed also by the mode and the calibration set. Until a request
+class has its int8 model (a server still recording, or a failed quantization) its calls run on the fp32 model.
 """
 
 import copy
@@ -34,12 +39,17 @@ from pathlib import Path
 
 import torch
 
+from . import quantize as int8
+
 log = logging.getLogger("fewstep")
 
 KEEP_COMPILED = 3  # compiled (static-shape) models kept per role; each holds its own copy of the weights
 KEEP_ON_DISK = 8  # converted models kept in the cache folder (least recently used removed)
 SAMPLE = 4096  # elements sampled per tensor for the weights fingerprint
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# torch.jit.trace (inside convert_model) is not thread-safe: two runners' background workers tracing at once failed
+# its sanity check ("Graphs differed across invocations"); NNCF's passes take the same lock (they share the cores)
+_HEAVY = threading.Lock()
 
 
 def cache_root(override=None):
@@ -95,7 +105,8 @@ class _Ticker:
     def __exit__(self, *exc):
         self.stop.set()
         end = "\r" if sys.stderr.isatty() else ""
-        print(f"{end}{self.what}: done in {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
+        how = "failed after" if exc[0] is not None else "done in"
+        print(f"{end}{self.what}: {how} {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
         return False
 
 
@@ -106,7 +117,8 @@ class Runner:
     float32 tensor: the conversion target. trace_class(inputs) names what the torch trace bakes in besides shapes.
     """
 
-    def __init__(self, role, module, call, *, precision, label, cache=None, background=False, trace_class=None):
+    def __init__(self, role, module, call, *, precision, label, cache=None, background=False, trace_class=None,
+                 quantize=None):
         import openvino
 
         self.ov = openvino
@@ -121,7 +133,13 @@ class Runner:
         self.failed = set()  # keys OpenVINO could not convert or compile: they run on torch, not retried
         self.worker = None
         self._state = (None, None)  # (versions, fingerprint)
-        self.stats = dict(openvino_calls=0, torch_calls=0, conversions=0, disk_hits=0)
+        self.stats = dict(openvino_calls=0, torch_calls=0, conversions=0, disk_hits=0, int8_calls=0,
+                          quantizations=0, calibration_calls=0)
+        # quantize: None, "weights" (int8 weights, the VAE) or "hybrid" (the UNet: needs a calibration set)
+        self.quantize = quantize
+        self.context = None  # hybrid: (calibration key, engine, request) of the request being served (prepare)
+        self.recording = None  # a list while calibration runs: calls go to torch and their inputs are kept
+        self.served = {}  # background hybrid: calibration key -> the served calls recorded so far
 
     # ---- keys ----------------------------------------------------------------------------------------------------
     def weights_key(self):
@@ -130,42 +148,89 @@ class Runner:
             self._state = (ver, fingerprint(self.module))
         return self._state[1]
 
-    def ir_dir(self, fp, trace):
+    def ir_dir(self, fp, trace, quant=None):
         ov_version = self.ov.__version__.split("-")[0]
-        tag = hashlib.blake2b(f"{trace}|{self.precision}|{ov_version}".encode(), digest_size=6).hexdigest()
+        extra = "" if quant is None else f"|{quant}|nncf {int8.nncf_version()}"
+        tag = hashlib.blake2b(f"{trace}|{self.precision}|{ov_version}{extra}".encode(), digest_size=6).hexdigest()
         return self.root / f"{self.role}-{fp}-{tag}"
+
+    def quant_tag(self):
+        """What this call's quantized model is keyed by: "int8-weights", the request class's calibration set, or
+        None (fp32 only: no quantization, or no request context yet)."""
+        if self.quantize == "weights":
+            return "int8-weights"
+        if self.quantize == "hybrid" and self.context is not None:
+            return self.context[0]
+        return None
 
     # ---- running -------------------------------------------------------------------------------------------------
     def __call__(self, inputs, fallback):
         """The module's output for inputs ({name: tensor}) through OpenVINO, or fallback() (the torch module) while
         a background conversion of this weight state runs."""
+        if self.recording is not None:  # a calibration run: torch computes, the inputs are kept
+            self.recording.append({k: v.detach().float().clone() for k, v in inputs.items()})
+            self.stats["calibration_calls"] += 1
+            return fallback()
         fp = self.weights_key()
         shapes = tuple((k, tuple(v.shape)) for k, v in inputs.items())
-        key = (fp, shapes)
-        with self.lock:
-            compiled = self.compiled.get(key)
-            if compiled is not None:
-                self.compiled.move_to_end(key)
-        if compiled is None and not self.background and key not in self.failed:
-            try:
-                compiled = self._prepare(key, self.module, inputs)
-            except Exception:  # what OpenVINO cannot take runs on torch, with one warning
-                log.warning("OpenVINO could not convert the %s for %s; it runs on torch", self.role, shapes,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
-                self.failed.add(key)
+        quant = self.quant_tag()
+        keys = [(fp, shapes, quant)] + ([(fp, shapes, None)] if quant else [])  # int8 first, else fp32
+        if self.background:  # fp32 first in the worker's queue: it serves meanwhile
+            found = {key: self._ready(key, inputs) for key in reversed(keys)}
+        else:  # int8 first, prepared now; fp32 only if that failed
+            found = {}
+            for key in keys:
+                found[key] = self._ready(key, inputs)
+                if found[key] is not None:
+                    break
+        key, compiled = next(((k, found[k]) for k in keys if found.get(k) is not None), (None, None))
         if compiled is None:
-            if self.background:
-                self._convert_later(key, inputs)
             self.stats["torch_calls"] += 1
             return fallback()
         self.stats["openvino_calls"] += 1
+        if key[2]:
+            self.stats["int8_calls"] += 1
         arrays = {k: v.detach().float().contiguous().numpy() for k, v in inputs.items()}
         out = compiled(arrays, share_inputs=True)[0]
         return torch.from_numpy(out.copy())
 
+    def _ready(self, key, inputs):
+        """The compiled model of key, prepared now (foreground) or queued for the worker (background); None when
+        it is not there (yet)."""
+        with self.lock:
+            compiled = self.compiled.get(key)
+            if compiled is not None:
+                self.compiled.move_to_end(key)
+                return compiled
+        if key in self.failed:
+            return None
+        if self.background:
+            self._convert_later(key, inputs)
+            return None
+        try:
+            return self._prepare(key, self.module, inputs)
+        except Exception:  # what OpenVINO (or NNCF) cannot take runs on fp32 / torch, with one warning
+            what = "quantize" if key[2] else "convert"
+            log.warning("OpenVINO could not %s the %s for %s; it runs on %s", what, self.role, key[1],
+                        "the fp32 model" if key[2] else "torch", exc_info=log.isEnabledFor(logging.DEBUG))
+            self.failed.add(key)
+            return None
+
     def _convert_later(self, key, inputs):
+        fp, _, quant = key
         with self.lock:
             if key in self.pending or key in self.compiled or key in self.failed:
+                return
+        if quant and self.quantize == "hybrid" and not self.ir_dir(fp, self.trace_class(inputs), quant).is_dir():
+            # a server calibrates on the calls it serves (no extra work on its engine thread): recorded until there
+            # are enough, then quantized in the worker
+            calls = self.served.setdefault(quant, [])
+            if len(calls) < int8.CALIBRATION_CALLS:
+                calls.append({k: v.detach().float().clone() for k, v in inputs.items()})
+            if len(calls) < int8.CALIBRATION_CALLS:
+                return
+        with self.lock:
+            if key in self.pending:
                 return
             if self.worker is None:
                 self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"openvino-{self.role}")
@@ -196,18 +261,60 @@ class Runner:
                 f.exception()
 
     def _prepare(self, key, module, inputs):
-        fp, shapes = key
+        fp, shapes, quant = key
         trace = self.trace_class(inputs)
-        model = self._converted(fp, trace, module, inputs)
+        model = self._quantized(fp, trace, quant, module, inputs) if quant else \
+            self._converted(fp, trace, module, inputs)
         model.reshape({k: self.ov.PartialShape(list(s)) for k, s in shapes})
-        with _Ticker(f"OpenVINO: compiling the {self.role} for {' '.join(f'{k}{list(s)}' for k, s in shapes)}"):
+        what = f"{self.role}{' (int8)' if quant else ''}"
+        with _Ticker(f"OpenVINO: compiling the {what} for {' '.join(f'{k}{list(s)}' for k, s in shapes)}"):
             compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
                                                               "PERFORMANCE_HINT": "LATENCY"})
         with self.lock:
             self.compiled[key] = compiled
+            if quant:  # the fp32 model that served meanwhile is not needed any more
+                self.compiled.pop((fp, shapes, None), None)
             while len(self.compiled) > KEEP_COMPILED:
                 self.compiled.popitem(last=False)
         return compiled
+
+    def _quantized(self, fp, trace, quant, module, inputs):
+        """The int8 ov.Model of this weight state: read from the cache folder, or quantized from the fp32 one."""
+        folder = self.ir_dir(fp, trace, quant)
+        if (folder / "model.xml").is_file():
+            self.stats["disk_hits"] += 1
+            os.utime(folder)
+            return self.core.read_model(folder / "model.xml")
+        calibration = None
+        if self.quantize == "hybrid":
+            calls = self.served.pop(quant, None) if self.background else self._calibrate()
+            if not calls:
+                raise RuntimeError("no calibration set for the int8 UNet")
+            calibration = int8.samples(calls)
+        model = self._converted(fp, trace, module, inputs)
+        what = f"{len(calibration)} calibration samples" if calibration else "weights only"
+        with _Ticker(f"NNCF: quantizing the {self.role} of {self.label} to int8 ({what}; cached in {self.root})"):
+            foreground = not self.background
+            with _HEAVY:
+                model = int8.hybrid(model, calibration, foreground=foreground) if calibration else \
+                    int8.compress(model, foreground=foreground)
+        self._save(folder, model, dict(quantize=quant, nncf=int8.nncf_version(),
+                                       calibration_samples=len(calibration or ()), weights=fp, trace=trace))
+        self.stats["quantizations"] += 1
+        return self.core.read_model(folder / "model.xml")
+
+    def _calibrate(self):
+        """The calibration calls of the request being served: the engine's sampler on the calibration prompts,
+        the UNet in torch (fewstep.backends.quantize.collect)."""
+        quant, engine, req = self.context
+        prompts = int8.prompts_for(engine, req.steps)
+        self.recording = []
+        try:
+            with _Ticker(f"NNCF: calibrating the int8 {self.role} ({len(prompts)} prompts, {req.sampler} "
+                         f"{req.steps} steps, guidance {req.guidance:g}, {req.width}x{req.height})"):
+                return int8.collect(engine, req, prompts, self.recording)
+        finally:
+            self.recording = None
 
     def _converted(self, fp, trace, module, inputs):
         """The ov.Model of this weight state: read from the cache folder, or converted and saved there."""
@@ -224,24 +331,27 @@ class Runner:
                 # converted with bf16 weights, OpenVINO 2026.4's graphs returned NaN: convert an fp32 copy; the
                 # precision hint (bf16) still sets what the CPU computes in
                 module = (copy.deepcopy(module) if module is self.module else module).float()
-            with torch.no_grad(), warnings.catch_warnings():
+            with _HEAVY, torch.no_grad(), warnings.catch_warnings():
                 # the trace warns of every shape-dependent Python branch; the trace class keys exactly those
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 model = self.ov.convert_model(self.call(module), example_input=example)  # inputs named as keys
-            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}-{threading.get_ident()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            # weights kept as they are (no fp16 compression): the image must match the torch backend's
-            self.ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
-            (tmp / "info.json").write_text(json.dumps(dict(role=self.role, model=self.label, weights=fp,
-                                                           trace=trace, precision=self.precision,
-                                                           inputs=list(example), openvino=self.ov.__version__)))
-            try:
-                tmp.rename(folder)
-            except OSError:  # another process saved the same model first
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._save(folder, model, dict(weights=fp, trace=trace, inputs=list(example)))
         self.stats["conversions"] += 1
-        _prune(self.root)
         return self.core.read_model(xml)
+
+    def _save(self, folder, model, info):
+        """model saved as folder/model.xml (through a temporary folder: readers never see half a model)."""
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}-{threading.get_ident()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # weights kept as they are (no fp16 compression): the image must match the torch backend's
+        self.ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
+        (tmp / "info.json").write_text(json.dumps(dict(role=self.role, model=self.label, precision=self.precision,
+                                                       openvino=self.ov.__version__, **info)))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process saved the same model first
+            shutil.rmtree(tmp, ignore_errors=True)
+        _prune(self.root)
 
 
 def _prune(root, keep=KEEP_ON_DISK):
@@ -296,6 +406,18 @@ class UNet:
     @property
     def dtype(self):
         return self.unet.dtype
+
+    def prepare(self, engine, req):
+        """Before a request's steps (fewstep.speed.FastPath.prepare): name its calibration set, so that its calls
+        run the int8 model of its request class (calibrated at its first call, or from served calls)."""
+        r = self.runner
+        if r.quantize != "hybrid" or r.recording is not None:  # nothing to do, or a calibration run itself
+            return
+        if r.background:
+            r.context = (int8.calibration_key("served", req), engine, req)
+        else:
+            prompts = int8.prompts_for(engine, req.steps)
+            r.context = (int8.calibration_key("prompts", req, prompts), engine, req)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, added_cond_kwargs=None,
                  return_dict=False, **kw):
@@ -356,20 +478,20 @@ class Encoder:
         return DiagonalGaussianDistribution(moments.to(x.dtype))
 
 
-def wrap(components, decoder, dtype, *, label, cache=None, background=False):
+def wrap(components, decoder, dtype, *, label, cache=None, background=False, quantize=None):
     """(unet_fn, decode_fn, encode_fn) running the components' UNet, the given decoder and the VAE's encoder
     through OpenVINO at the precision of dtype (bf16 where the engine runs bf16: OpenVINO's own CPU default on
-    CPUs with bf16 units; f32 otherwise)."""
+    CPUs with bf16 units; f32 otherwise); quantize "int8": the UNet hybrid int8, the VAE int8 weights."""
     precision = PRECISIONS.get(dtype, "f32")
     c = components
 
-    def runner(role, module, call, trace):
+    def runner(role, module, call, trace, quant):
         return Runner(role, module, call, precision=precision, label=label, cache=cache, background=background,
-                      trace_class=trace)
+                      trace_class=trace, quantize=quant if quantize else None)
 
-    unet = UNet(c.unet, runner("unet", c.unet, _UNetCall, _unet_trace_class(c.unet)))
-    dec = Decoder(decoder, runner("decoder", decoder, _Decode, _image_trace_class))
-    enc = Encoder(c.vae, runner("encoder", c.vae, _Encode, _image_trace_class)) \
+    unet = UNet(c.unet, runner("unet", c.unet, _UNetCall, _unet_trace_class(c.unet), "hybrid"))
+    dec = Decoder(decoder, runner("decoder", decoder, _Decode, _image_trace_class, "weights"))
+    enc = Encoder(c.vae, runner("encoder", c.vae, _Encode, _image_trace_class, "weights")) \
         if hasattr(c.vae, "_encode") else None
     return unet, dec, enc
 

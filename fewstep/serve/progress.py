@@ -95,17 +95,19 @@ class Progress:
 
 
 def preview_image(engine, x0):
-    """x0 (1, C, h, w) decoded by the engine's decoder (its tiny one when the fast path has one), the latents
-    shrunk to at most PREVIEW_LATENT a side first; None when it cannot be decoded (a NaN)."""
+    """x0 (1, C, h, w) through the engine's preview decoder (fewstep.previews: a tiny decoder or a linear
+    latent-to-RGB map, never the full VAE decoder), the latents shrunk to at most PREVIEW_LATENT a side first; None
+    when it cannot be decoded (a NaN)."""
     import torch.nn.functional as F
 
     from ..errors import FewstepError
+    from ..previews import preview_images
 
     h, w = x0.shape[-2:]
     scale = PREVIEW_LATENT / max(h, w)
     if scale < 1:
         x0 = F.interpolate(x0, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear")
     try:
-        return engine.decode(x0)[0]
+        return preview_images(engine, x0)[0]
     except FewstepError:
         return None
