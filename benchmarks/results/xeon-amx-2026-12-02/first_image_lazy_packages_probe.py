@@ -1,6 +1,6 @@
 # A probe, not fewstep code: it runs diffusers.models.{transformers,autoencoders,unets,controlnets} without their
-# eager __init__ (each runs on first attribute access), to measure what that hack would save. See
-# /work/notes/perf-first-image.md; the timing loop is in that note.
+# eager __init__ (each runs on first attribute access), to measure what that hack would save.
+# docs/performance.md (fifth session, "Time to the first image") gives what it measured.
 # measurement only: run diffusers' model subpackages without their eager __init__ (what would it save?)
 import importlib.abc, importlib.machinery, importlib.util, sys, types
 LAZY = {"diffusers.models.transformers", "diffusers.models.autoencoders", "diffusers.models.unets",
