@@ -213,6 +213,7 @@ def run_bench(args):
     from safetensors.torch import save_file
 
     from . import loading, speed
+    from .engine import free_memory
     from .errors import RequestError
     from .lora.reference import random_lora
     from .request import ControlUnit
@@ -273,7 +274,7 @@ def run_bench(args):
     del scratch
     _release()
 
-    available = _mem_available()
+    available = free_memory(torch.device("cpu"))  # MemAvailable: the systems' weights live in host memory
     share_tuned = "fewstep" in systems and tuned_dtype == dt and tuned_nhwc
     estimate = _footprint(systems, counts, dt, tuned_dtype, share_tuned, size, max(batches), args.quality,
                           fewstep_openvino=args.backend == "openvino")
@@ -520,17 +521,6 @@ def _release():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _mem_available():
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _footprint(systems, counts, dt, tuned_dtype, share_tuned, size, batch, quality, fewstep_openvino=False):
