@@ -499,20 +499,25 @@ class Engine:
     def decode(self, x, decoder=None):
         """PIL images from latents, one image at a time (the decoder's activations dominate memory); decoder: another
         than the fast path's (a stream's tiny autoencoder)."""
-        from PIL import Image
-
         dec = decoder or self.decoder
         decode_fn = self.decode_fn if decoder is None else decoder.decode
         images = []
         for i in range(len(x)):
             with OnDevice(self, dec):
                 out = decode_fn(latents.to_vae(dec, x[i:i + 1]).to(dec.dtype), return_dict=False)[0]
-            out = out.float()
-            if self.check_finite and not torch.isfinite(out).all():
-                raise self.adapters.nonfinite_error(dec.dtype)  # the active LoRAs' (named), or the dtype's
-            arr = ((out / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-            images.append(Image.fromarray(arr))
+            images += self.pixels_to_images(out, dec.dtype)
         return images
+
+    def pixels_to_images(self, out, dtype):
+        """PIL images from decoded pixels (n, 3, H, W) in [-1, 1]; a non-finite value raises the error of the active
+        LoRAs (named) or of dtype, the one the pixels were computed in."""
+        from PIL import Image
+
+        out = out.float()
+        if self.check_finite and not torch.isfinite(out).all():
+            raise self.adapters.nonfinite_error(dtype)
+        arr = ((out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        return [Image.fromarray(a) for a in arr]
 
     def check_memory(self, batch, req):
         """Refuse work whose activations would not fit the free memory (a rough, conservative estimate)."""

@@ -96,13 +96,7 @@ def _fits(tiny, engine):
 
 def preview_images(engine, x0):
     """PIL images of latents x0 through the engine's preview decoder (never its full VAE decoder)."""
-    from PIL import Image
-
     dec = preview_decoder(engine)
     if isinstance(dec, LatentRGB):
-        out = dec(x0)
-        if engine.check_finite and not torch.isfinite(out).all():
-            raise engine.adapters.nonfinite_error(engine.dtype)
-        arr = ((out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
-        return [Image.fromarray(a) for a in arr]
+        return engine.pixels_to_images(dec(x0), engine.dtype)
     return engine.decode(x0, decoder=dec)
