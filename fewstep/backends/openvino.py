@@ -137,7 +137,7 @@ class Runner:
                           quantizations=0, calibration_calls=0)
         # quantize: None, "weights" (int8 weights, the VAE) or "hybrid" (the UNet: needs a calibration set)
         self.quantize = quantize
-        self.context = None  # hybrid: (calibration key, engine, request) of the request being served (prepare)
+        self.context = None  # hybrid: (calibration key, engine, request, prompts) of the request being served (prepare)
         self.recording = None  # a list while calibration runs: calls go to torch and their inputs are kept
         self.served = {}  # background hybrid: calibration key -> the served calls recorded so far
 
@@ -281,10 +281,9 @@ class Runner:
     def _quantized(self, fp, trace, quant, module, inputs):
         """The int8 ov.Model of this weight state: read from the cache folder, or quantized from the fp32 one."""
         folder = self.ir_dir(fp, trace, quant)
-        if (folder / "model.xml").is_file():
-            self.stats["disk_hits"] += 1
-            os.utime(folder)
-            return self.core.read_model(folder / "model.xml")
+        cached = self._read_cached(folder)
+        if cached is not None:
+            return cached
         calibration = None
         if self.quantize == "hybrid":
             calls = self.served.pop(quant, None) if self.background else self._calibrate()
@@ -306,8 +305,7 @@ class Runner:
     def _calibrate(self):
         """The calibration calls of the request being served: the engine's sampler on the calibration prompts,
         the UNet in torch (fewstep.backends.quantize.collect)."""
-        quant, engine, req = self.context
-        prompts = int8.prompts_for(engine, req.steps)
+        quant, engine, req, prompts = self.context
         self.recording = []
         try:
             with _Ticker(f"NNCF: calibrating the int8 {self.role} ({len(prompts)} prompts, {req.sampler} "
@@ -319,11 +317,9 @@ class Runner:
     def _converted(self, fp, trace, module, inputs):
         """The ov.Model of this weight state: read from the cache folder, or converted and saved there."""
         folder = self.ir_dir(fp, trace)
-        xml = folder / "model.xml"
-        if xml.is_file():
-            self.stats["disk_hits"] += 1
-            os.utime(folder)  # most recently used
-            return self.core.read_model(xml)
+        cached = self._read_cached(folder)
+        if cached is not None:
+            return cached
         with _Ticker(f"OpenVINO: converting the {self.role} of {self.label} (once per weights and shape class; "
                      f"cached in {self.root})"):
             example = {k: v.detach().float() for k, v in inputs.items()}
@@ -337,6 +333,15 @@ class Runner:
                 model = self.ov.convert_model(self.call(module), example_input=example)  # inputs named as keys
             self._save(folder, model, dict(weights=fp, trace=trace, inputs=list(example)))
         self.stats["conversions"] += 1
+        return self.core.read_model(folder / "model.xml")
+
+    def _read_cached(self, folder):
+        """The ov.Model saved in folder (marked most recently used), or None when there is none."""
+        xml = folder / "model.xml"
+        if not xml.is_file():
+            return None
+        self.stats["disk_hits"] += 1
+        os.utime(folder)  # most recently used
         return self.core.read_model(xml)
 
     def _save(self, folder, model, info):
@@ -414,10 +419,10 @@ class UNet:
         if r.quantize != "hybrid" or r.recording is not None:  # nothing to do, or a calibration run itself
             return
         if r.background:
-            r.context = (int8.calibration_key("served", req), engine, req)
+            r.context = (int8.calibration_key("served", req), engine, req, ())
         else:
             prompts = int8.prompts_for(engine, req.steps)
-            r.context = (int8.calibration_key("prompts", req, prompts), engine, req)
+            r.context = (int8.calibration_key("prompts", req, prompts), engine, req, prompts)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, added_cond_kwargs=None,
                  return_dict=False, **kw):
