@@ -79,7 +79,11 @@ class FeatureCacheUNet:
                 out = self._full(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
             else:
                 out = self._shallow(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
-        return (out,) if not return_dict else _Output(out)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
 
     def _full(self, sample, timestep, states, tcond, added):
         kept = {}
@@ -124,14 +128,6 @@ class FeatureCacheUNet:
             h = u.conv_act(u.conv_norm_out(h))
         self.cached_calls += 1
         return u.conv_out(h)
-
-
-class _Output:
-    def __init__(self, sample):
-        self.sample = sample
-
-    def __getitem__(self, i):
-        return (self.sample,)[i]
 
 
 def wrap(unet, interval):
